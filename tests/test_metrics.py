@@ -1,0 +1,146 @@
+"""The library's metric against the course's own code, the guarded cases, thresholds."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import helpers as h
+from course_reference import validation_loop as course_validation_loop
+
+
+class Identity(nn.Module):
+    def forward(self, x):
+        return x
+
+
+def _loader(n=300, seed=0, all_classes=True, one_hot=True):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, h.NUM_CLASSES, generator=g) * 2 - 1
+    if one_hot:
+        y = (torch.rand(n, h.NUM_CLASSES, generator=g) < 0.08).float()
+        if all_classes:
+            y[torch.arange(h.NUM_CLASSES), torch.arange(h.NUM_CLASSES)] = 1.0
+        # correlate outputs with labels so that precision/recall are not trivial
+        logits = logits + 2.5 * y
+    else:
+        y = torch.randint(0, h.NUM_CLASSES, (n,), generator=g)
+        y[: h.NUM_CLASSES] = torch.arange(h.NUM_CLASSES)
+    return DataLoader(TensorDataset(logits, y), batch_size=64)
+
+
+@pytest.mark.parametrize("multi_label,th,one_hot", [(True, 0.5, True), (True, 0.0, True),
+                                                    (True, 1.5, True), (False, 0.5, True)])
+def test_validation_loop_matches_course(multi_label, th, one_hot):
+    loader = _loader(seed=int(th * 10) + multi_label)
+    crit = nn.BCEWithLogitsLoss()
+    args = (loader, Identity(), crit, h.NUM_CLASSES, "cpu")
+    kw = dict(multi_label=multi_label, th_multi_label=th, one_hot=one_hot, class_metrics=True)
+    ours, ours_c = h.validation_loop(*args, **kw)
+    ref, ref_c = course_validation_loop(*args, **kw)
+    for key in ("loss", "accuracy", "f1", "precision", "recall"):
+        assert ours[key] == pytest.approx(float(ref[key]), rel=1e-5, abs=1e-7), key
+    assert 0 < ours["f1"] < 1
+    for a, b in zip(ours_c, ref_c):
+        for key in ("f1", "precision", "recall"):
+            assert a[key] == pytest.approx(float(b[key]), rel=1e-5, abs=1e-7)
+
+
+def test_validation_loop_single_label_indices_matches_course():
+    loader = _loader(one_hot=False)
+    crit = nn.CrossEntropyLoss()
+    args = (loader, Identity(), crit, h.NUM_CLASSES, "cpu")
+    ours = h.validation_loop(*args)
+    ref = course_validation_loop(*args)
+    for key in ("loss", "accuracy", "f1", "precision", "recall"):
+        assert ours[key] == pytest.approx(float(ref[key]), rel=1e-5, abs=1e-7)
+
+
+def test_class_without_positives_is_finite_where_course_is_nan():
+    loader = _loader(all_classes=False, n=40, seed=5)
+    y = torch.cat([b[1] for b in loader])
+    assert (y.sum(0) == 0).any(), "the case needs a class with no positive"
+    args = (loader, Identity(), nn.BCEWithLogitsLoss(), h.NUM_CLASSES, "cpu")
+    ref = course_validation_loop(*args, multi_label=True, one_hot=True)
+    assert math.isnan(float(ref["f1"]))
+    ours = h.validation_loop(*args, multi_label=True, one_hot=True)
+    assert all(math.isfinite(ours[k]) for k in ("f1", "precision", "recall", "accuracy"))
+    # the guarded value: classes without positives simply drop out of the weights
+    present = (y.sum(0) > 0).numpy()
+    logits = torch.cat([b[0] for b in loader]).numpy()
+    sub = h.course_f1(y.numpy()[:, present], (logits > 0.5)[:, present])
+    assert ours["f1"] == pytest.approx(sub["f1"])
+
+
+def test_zero_precision_and_no_positives_at_all():
+    y = np.zeros((4, h.NUM_CLASSES), bool)
+    y[:, 3] = True
+    out = h.course_f1(y, np.zeros_like(y))
+    assert out == {"f1": 0.0, "precision": 0.0, "recall": 0.0}
+    empty = h.course_f1(np.zeros_like(y), y)
+    assert empty["f1"] == 0.0
+
+
+def test_course_f1_hand_computed():
+    # class 0: 2 positives, predicted on 3 images with 2 hits -> P=2/3, R=1
+    # class 1: 1 positive, predicted once, wrong -> P=0, R=0; weights 1/2 and 1 -> 1/3, 2/3
+    y = np.zeros((4, h.NUM_CLASSES), bool)
+    p = np.zeros_like(y)
+    y[[0, 1], 0] = True
+    p[[0, 1, 2], 0] = True
+    y[3, 1] = True
+    p[2, 1] = True
+    out = h.course_f1(y, p)
+    P, R = (2 / 3) / 3, 1 / 3
+    assert out["precision"] == pytest.approx(P)
+    assert out["recall"] == pytest.approx(R)
+    assert out["f1"] == pytest.approx(2 * P * R / (P + R))
+
+
+def test_at_least_one_gives_every_image_its_top_class():
+    probs = np.full((3, h.NUM_CLASSES), 0.01)
+    probs[0, 7] = 0.3
+    probs[1, 2] = 0.9
+    pred = h.apply_thresholds(probs, 0.5, at_least_one=True)
+    assert pred.sum(1).tolist() == [1, 1, 1]
+    assert pred[0, 7] and pred[1, 2]
+    assert h.apply_thresholds(probs, 0.5).sum() == 1
+
+
+def test_per_class_thresholds_beat_global_and_respect_guard():
+    rng = np.random.default_rng(0)
+    n = 2000
+    y = rng.random((n, h.NUM_CLASSES)) < np.linspace(0.3, 0.001, h.NUM_CLASSES)
+    # each class is well separated but at its own scale: one global threshold cannot fit all
+    scale = np.linspace(0.9, 0.05, h.NUM_CLASSES)
+    probs = np.clip(rng.random((n, h.NUM_CLASSES)) * scale * 0.5 + y * scale * 0.5, 0, 1)
+    thr = h.per_class_thresholds(y, probs, min_positives=5)
+    assert thr.shape == (h.NUM_CLASSES,) and ((thr >= 0.02) & (thr <= 0.98)).all()
+    g, g_f1 = h.best_global_threshold(y, probs)
+    few = y.sum(0) < 5
+    assert few.any() and np.allclose(thr[few], g)
+    assert h.course_f1(y, probs > thr)["f1"] > g_f1 + 0.05
+    table = h.per_class_table(y, probs, thr)
+    assert len(table) == h.NUM_CLASSES and list(table["threshold"]) == list(thr)
+
+
+def test_evaluate_predictions_keys_and_map():
+    rng = np.random.default_rng(1)
+    y = rng.random((200, h.NUM_CLASSES)) < 0.1
+    perfect = h.evaluate_predictions(y, y.astype(float))
+    assert perfect["course_f1"] == pytest.approx(1.0)
+    assert perfect["mAP"] == pytest.approx(1.0)
+    assert perfect["macro_f1"] == pytest.approx(1.0)
+    noise = h.evaluate_predictions(y, rng.random(y.shape))
+    assert noise["mAP"] < 0.3
+
+
+def test_asymmetric_loss_reduces_to_bce_sum_without_focusing():
+    torch.manual_seed(0)
+    logits, y = torch.randn(8, h.NUM_CLASSES), (torch.rand(8, h.NUM_CLASSES) < 0.1).float()
+    asl = h.AsymmetricLoss(gamma_neg=0, gamma_pos=0, clip=0)
+    bce = nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="sum") / 8
+    assert float(asl(logits, y)) == pytest.approx(float(bce), rel=1e-4)
+    assert float(h.AsymmetricLoss()(logits, y)) < float(bce)
