@@ -263,12 +263,13 @@ def resolve_data_root(root: str | Path | None, demo_dir: Path | str, n_train: in
     return Path(demo_dir), True
 
 
-def parse_label_text(text: str, source: str) -> list[int]:
+def parse_label_text(text: str, source: str, notes: list | None = None) -> list[int]:
     """Class indices of one ``.cls`` file: sorted, unique, each checked.
 
-    Blank lines and Windows line endings are accepted (hand-edited files have them);
-    anything else that is not an integer in 0..79 raises a :class:`DataError` that names the
-    file and the line, because a wrong label silently corrupts training and the metric.
+    Blank lines, Windows line endings and a repeated index are accepted (hand-edited files
+    have them; a repeat is noted in ``notes`` and counted once); anything else that is not an
+    integer in 0..79 raises a :class:`DataError` that names the file and the line, because a
+    wrong label silently corrupts training and the metric.
     """
     out = set()
     for lineno, line in enumerate(text.splitlines(), 1):
@@ -283,11 +284,13 @@ def parse_label_text(text: str, source: str) -> list[int]:
         if not 0 <= value < NUM_CLASSES:
             raise DataError(f"{source}, line {lineno}: class index {value} is outside "
                             f"0..{NUM_CLASSES - 1}")
+        if value in out and notes is not None:
+            notes.append((source, f"line {lineno}: class {value} repeated (counted once)"))
         out.add(value)
     return sorted(out)
 
 
-def read_label_matrix(label_dir: Path | str, names: list[str]) -> np.ndarray:
+def read_label_matrix(label_dir: Path | str, names: list[str], notes: list | None = None) -> np.ndarray:
     """Parse every ``.cls`` file once into an ``(N, 80)`` uint8 multi-hot matrix.
 
     65,000 small files take a couple of seconds to read once; reading them again per epoch or
@@ -304,7 +307,7 @@ def read_label_matrix(label_dir: Path | str, names: list[str]) -> np.ndarray:
         except UnicodeDecodeError:
             raise DataError(f"{path}: not a text file (one class index per line expected)") from None
         # an empty file is legal: COCO has photos with none of the 80 objects in them
-        Y[i, parse_label_text(text, str(path))] = 1
+        Y[i, parse_label_text(text, str(path), notes)] = 1
     return Y
 
 
@@ -315,10 +318,115 @@ def list_files(folder: Path | str, suffix: str) -> list[str]:
 
 
 def load_rgb(path: Path | str) -> Image.Image:
-    """Open an image as RGB; grayscale, CMYK and palette images are converted, not rejected."""
-    with Image.open(path) as img:
-        img.load()
-        return img.convert("RGB")
+    """Open an image as RGB; grayscale, CMYK and palette images are converted, not rejected.
+
+    An unreadable file raises a :class:`DataError` that names it (the start-up scan,
+    :func:`scan_data`, normally finds such files before any training starts).
+    """
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as err:
+        raise DataError(f"{path}: cannot be read as an image ({err}); re-extract it from the "
+                        "course's zip file or delete it (and its .cls label file)") from None
+
+
+_IMAGE_MAGIC = {b"\x89PNG": "PNG", b"GIF8": "GIF", b"BM": "BMP", b"RIFF": "WEBP", b"II*\x00": "TIFF",
+                b"MM\x00*": "TIFF"}
+
+
+def check_image_file(path: Path | str) -> tuple[str | None, str | None]:
+    """``(problem, note)`` of one image from its first and last bytes; decode only if suspect.
+
+    A JPEG starts with FF D8 and a complete one ends with FF D9: reading those few bytes of
+    65,000 files takes seconds, where decoding them all would take minutes. Only a file that
+    fails this look is decoded, to tell an unusual-but-readable file (used, with a note) from
+    a broken one (``problem``: skipped or fatal, the caller decides).
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size == 0:
+            return "empty file (0 bytes)", None
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+            fh.seek(max(0, size - 2))
+            tail = fh.read(2)
+    except OSError as err:
+        return f"cannot be opened ({err.strerror or err})", None
+    if head[:2] == b"\xff\xd8" and tail == b"\xff\xd9":
+        return None, None
+    kind = next((v for k, v in _IMAGE_MAGIC.items() if head.startswith(k)), None)
+    try:
+        with Image.open(path) as img:
+            img.load()
+    except (OSError, SyntaxError, ValueError) as err:
+        what = "truncated or corrupt JPEG" if head[:2] == b"\xff\xd8" else "not an image"
+        return f"{what} ({err})", None
+    if head[:2] != b"\xff\xd8":
+        return None, f"not a JPEG despite its name ({kind or 'other format'}), but readable: used"
+    return None, "JPEG without end marker, but it decodes: used"
+
+
+def scan_data(root: Path | str, max_skip_fraction: float = 0.01, progress: bool = False) -> dict:
+    """Look at every file of a challenge folder before training; stop or skip, never crash later.
+
+    Stops with a :class:`DataError` (results would be wrong, or the run would die hours in):
+    test names that are not 12-digit ids, test images that are also training images, an
+    unreadable test image (every test image must be predicted), and more than
+    ``max_skip_fraction`` of the training set missing or unreadable (a bad unzip, the wrong
+    folder). Skips, with a visible report: a handful of unreadable training images and label
+    files whose image is missing. Notes: images without a label file (not used), files that
+    are readable but not JPEG. Label content is checked when the labels are read.
+    Returns ``{"skip": set of training stems to leave out, "report": [lines]}``.
+    """
+    paths = check_data_root(root)
+    label_stems = [n[:-4] for n in list_files(paths["train_labels"], ".cls")]
+    train_imgs = {n[:-4] for n in list_files(paths["train_images"], ".jpg")}
+    test_names = list_files(paths["test_images"], ".jpg")
+    test_stems = [n[:-4] for n in test_names]
+    bad_names = [n for n in test_stems if not (len(n) == 12 and n.isdigit())]
+    if bad_names:
+        raise DataError(f"{len(bad_names)} test images in {paths['test_images']} are not named "
+                        f"<12-digit id>.jpg, e.g. {bad_names[:3]}: the leaderboard identifies images "
+                        "by these ids. Restore the original file names from the course's zip file.")
+    overlap = sorted(set(test_stems) & (train_imgs | set(label_stems)))
+    if overlap:
+        raise DataError(f"{len(overlap)} test images also appear in the training data, e.g. "
+                        f"{overlap[:3]}: the folders are mixed up (validation scores would be "
+                        "meaningless). Re-extract images/test-resized and images/train-resized.")
+    report, skip = [], set()
+    unlabelled = sorted(train_imgs - set(label_stems))
+    if unlabelled:
+        report.append(f"{len(unlabelled)} training images have no label file and are not used, "
+                      f"e.g. {unlabelled[:3]}")
+    missing = [s for s in label_stems if s not in train_imgs]
+    for s in missing:
+        report.append(f"skipped {paths['train_labels'] / (s + '.cls')}: its image {s}.jpg is missing")
+    skip.update(missing)
+    items = [(s, paths["train_images"] / f"{s}.jpg", True) for s in label_stems if s in train_imgs]
+    items += [(s, paths["test_images"] / f"{s}.jpg", False) for s in test_stems]
+    test_problems = []
+    for stem, path, is_train in _progress(items, progress, desc="scan images", leave=False):
+        problem, note = check_image_file(path)
+        if note:
+            report.append(f"{path}: {note}")
+        if problem and is_train:
+            skip.add(stem)
+            report.append(f"skipped {path}: {problem}")
+        elif problem:
+            test_problems.append(f"{path}: {problem}")
+    if test_problems:
+        raise DataError("unreadable test images (each one must be predicted):\n  "
+                        + "\n  ".join(test_problems[:10])
+                        + "\nRe-extract images/test-resized from the course's zip file.")
+    limit = max(5, int(max_skip_fraction * max(len(label_stems), 1)))
+    if len(skip) > limit:
+        raise DataError(f"{len(skip)} of {len(label_stems)} training images are missing or "
+                        f"unreadable (more than {limit}): the data folder looks incomplete. "
+                        "First problems:\n  " + "\n  ".join(r for r in report if r.startswith("skipped"))[:2000])
+    return {"skip": skip, "report": report}
 
 
 class COCOTrainImageDataset(Dataset):
@@ -343,7 +451,8 @@ class COCOTrainImageDataset(Dataset):
             raise DataError(f"no .cls label file in {self.annotations_dir}.\n{LAYOUT_HELP}")
         self.stems = [name[:-4] for name in self.img_labels]
         self.transform = transform
-        self.labels = read_label_matrix(self.annotations_dir, self.img_labels)
+        self.label_notes = []
+        self.labels = read_label_matrix(self.annotations_dir, self.img_labels, self.label_notes)
 
     def __len__(self):
         return len(self.img_labels)
@@ -359,6 +468,14 @@ class COCOTrainImageDataset(Dataset):
         if self.transform:
             image = self.transform(image)
         return image, self.target(idx)
+
+    def drop(self, stems) -> None:
+        """Leave images out (unreadable ones found by :func:`scan_data`), labels kept in sync."""
+        stems = set(stems)
+        keep = [i for i, s in enumerate(self.stems) if s not in stems]
+        self.img_labels = [self.img_labels[i] for i in keep]
+        self.stems = [self.stems[i] for i in keep]
+        self.labels = self.labels[keep]
 
     def subset(self, indices, transform) -> "LabelledSubset":
         """A view on some images with its own transform (see :class:`LabelledSubset`)."""
@@ -1396,8 +1513,8 @@ def run_epochs(phase: str, epochs: int, train_epoch, evaluate, state: dict, out_
                            "history": history, "best": best, "epoch": epoch, "rng": _rng_state()},
                           last_path)
         log(f"[{phase}] epoch {epoch + 1}/{epochs}  train loss {tr['loss']:.4f}  "
-            f"val loss {va['loss']:.4f}  val {score} {va['score']:.4f}  "
-            f"mAP {va.get('mAP', float('nan')):.4f}  {seconds:.1f}s{'  *best' if improved else ''}")
+            f"val loss {va['loss']:.4f}  val course F1@0.5 {va['f1']:.4f}  val {score} {va['score']:.4f}  "
+            f"{seconds:.1f}s{'  *best' if improved else ''}")
     return {"history": history, "best": best, "best_path": best_path}
 
 
@@ -1898,11 +2015,20 @@ class RunData:
     """The data of one run: the training set read once, its split, the test set, the prior."""
 
     def __init__(self, root: Path | str, split_path: Path | str, val_fraction: float = 0.1,
-                 seed: int = 0, max_images: int = 0):
+                 seed: int = 0, max_images: int = 0, log=print):
         self.root = Path(root)
         self.paths = check_data_root(self.root)
+        self.scan = scan_data(self.root)
         self.train = COCOTrainImageDataset(self.paths["train_images"], self.paths["train_labels"],
                                            max_images=max_images or None)
+        self.train.drop(self.scan["skip"])
+        notes = self.scan["report"] + [f"{f}: {n}" for f, n in self.train.label_notes]
+        if notes:
+            log(f"data check: {len(notes)} remarks ({len(self.scan['skip'])} training images left out):")
+            for line in notes[:10]:
+                log(f"  {line}")
+            if len(notes) > 10:
+                log(f"  ... and {len(notes) - 10} more")
         self.train_idx, self.val_idx = load_or_make_split(self.train, split_path, val_fraction, seed)
         self.test = COCOTestImageDataset(self.paths["test_images"])
         self.prior = self.train.labels[self.train_idx].mean(0)

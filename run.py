@@ -24,8 +24,8 @@ DEMO_DEFAULTS = {
     "COCO_BACKBONES": "efficientnet_lite0",
     "COCO_DEMO_TRAIN": "800",
     "COCO_DEMO_TEST": "200",
-    "COCO_EPOCHS_FROZEN": "8",
-    "COCO_EPOCHS_FINETUNE": "2",
+    "COCO_EPOCHS_FROZEN": "10",
+    "COCO_EPOCHS_FINETUNE": "1",
     "COCO_IMG_SIZE": "160",
     "COCO_BATCH_SIZE": "32",
     "COCO_LR_FINETUNE": "1e-3",
@@ -39,6 +39,10 @@ def execute(notebook: Path, out: Path, timeout: int) -> float:
     import nbformat
     from nbclient import NotebookClient
     nb = nbformat.read(notebook, as_version=4)
+    for cell in nb.cells:                 # TensorBoard needs a browser: not in a headless run
+        if cell.cell_type == "code" and "NBVAL_SKIP" in cell.source:
+            cell.source = "# skipped in the headless run (run.py):\n" + "\n".join(
+                "# " + line for line in cell.source.splitlines())
     t0 = time.perf_counter()
     client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
                             resources={"metadata": {"path": str(ROOT)}})

@@ -1,0 +1,279 @@
+"""Faulty inputs, interrupted runs and safe outputs: each case built in a temporary folder."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import helpers as h
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture()
+def data(tmp_path, demo_root):
+    """A private, writable copy of the demo data to break."""
+    root = tmp_path / "ms-coco"
+    shutil.copytree(demo_root, root)
+    return root
+
+
+def _first(root, folder="images/train-resized", suffix=".jpg"):
+    return sorted((root / folder).glob(f"*{suffix}"))[0]
+
+
+# ---- bad data roots ---------------------------------------------------------------------
+def test_missing_root_shows_layout_and_course_path(tmp_path):
+    with pytest.raises(h.DataError) as err:
+        h.RunData(tmp_path / "nowhere", tmp_path / "split.json")
+    assert "does not exist" in str(err.value) and "/home/jovyan/ms-coco" in str(err.value)
+    assert "images/train-resized" in str(err.value)
+
+
+@pytest.mark.parametrize("sub", ["images/train-resized", "labels/train", "images/test-resized"])
+def test_missing_or_empty_subfolder(data, sub):
+    shutil.rmtree(data / sub)
+    with pytest.raises(h.DataError, match="is missing"):
+        h.scan_data(data)
+    (data / sub).mkdir()
+    with pytest.raises(h.DataError, match="is empty"):
+        h.scan_data(data)
+
+
+def test_given_root_is_never_replaced_by_demo_data(tmp_path):
+    with pytest.raises(h.DataError):
+        h.resolve_data_root(tmp_path / "typo", tmp_path / "demo")
+    assert not (tmp_path / "demo").exists()
+
+
+# ---- bad images -----------------------------------------------------------------------
+def _truncate(p):
+    p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2])
+
+
+@pytest.mark.parametrize("damage,reason", [
+    (_truncate, "truncated or corrupt JPEG"),
+    (lambda p: p.write_bytes(b""), "empty file"),
+    (lambda p: p.write_bytes(b"this is not an image at all" * 20), "not an image"),
+])
+def test_unreadable_training_image_is_skipped_with_report(data, tmp_path, damage, reason):
+    bad = _first(data)
+    damage(bad)
+    lines = []
+    run = h.RunData(data, tmp_path / "split.json", 0.2, log=lines.append)
+    assert bad.stem in run.scan["skip"] and bad.stem not in run.train.stems
+    assert any(str(bad) in line and reason in line for line in lines)
+    assert len(run.train) == len(run.train.labels) == len(run.train_idx) + len(run.val_idx)
+    for i in range(len(run.train)):                    # every remaining image loads
+        run.train[i]
+
+
+def test_many_unreadable_images_stop_the_run(data):
+    for p in sorted((data / "images/train-resized").glob("*.jpg"))[:20]:
+        p.write_bytes(b"")
+    with pytest.raises(h.DataError, match="looks incomplete"):
+        h.scan_data(data)
+
+
+def test_png_named_jpg_is_used_with_a_note(data, tmp_path):
+    p = _first(data)
+    Image.open(p).convert("RGB").save(p, format="PNG")
+    lines = []
+    run = h.RunData(data, tmp_path / "split.json", 0.2, log=lines.append)
+    assert p.stem in run.train.stems and any("not a JPEG despite its name (PNG" in l for l in lines)
+    assert run.train[run.train.stems.index(p.stem)][0].mode == "RGB"
+
+
+@pytest.mark.parametrize("mode", ["L", "CMYK", "P", "RGBA", "I;16"])
+def test_unusual_colour_modes_simply_work(data, mode):
+    p = _first(data)
+    img = Image.open(p).convert("RGB")
+    if mode == "P":
+        img = img.convert("P", palette=Image.ADAPTIVE)
+    elif mode == "I;16":
+        img = img.convert("L").convert("I;16")
+    else:
+        img = img.convert(mode)
+    fmt = "PNG" if mode in ("P", "RGBA", "I;16") else "JPEG"
+    img.save(p, format=fmt)
+    assert h.scan_data(data)["skip"] == set()
+    ds = h.COCOTrainImageDataset(data / "images/train-resized", data / "labels/train")
+    t = h.build_transform({"size": 64, "mean": (0.5,) * 3, "std": (0.5,) * 3})
+    x = t(ds[ds.stems.index(p.stem)][0])
+    assert x.shape == (3, 64, 64)
+
+
+def test_image_failing_at_load_time_names_the_file(tmp_path):
+    p = tmp_path / "000000000001.jpg"
+    p.write_bytes(b"\xff\xd8garbage")
+    with pytest.raises(h.DataError, match="000000000001.jpg"):
+        h.load_rgb(p)
+
+
+# ---- label files ----------------------------------------------------------------------
+def test_duplicate_blank_and_crlf_labels_work(data, tmp_path):
+    f = _first(data, "labels/train", ".cls")
+    f.write_bytes(b"3\r\n\r\n3\r\n17\r\n")
+    lines = []
+    run = h.RunData(data, tmp_path / "split.json", 0.2, log=lines.append)
+    row = run.train.labels[run.train.stems.index(f.stem)]
+    assert np.flatnonzero(row).tolist() == [3, 17]
+    assert any(f.name in l and "repeated" in l for l in lines)
+
+
+def test_bad_label_stops_before_training(data, tmp_path):
+    f = _first(data, "labels/train", ".cls")
+    f.write_text("4\nperson\n")
+    with pytest.raises(h.DataError, match=rf"{f.name}, line 2"):
+        h.RunData(data, tmp_path / "split.json")
+
+
+def test_image_without_label_and_label_without_image(data, tmp_path):
+    img = _first(data)
+    (data / "labels/train" / f"{img.stem}.cls").unlink()
+    orphan = sorted((data / "labels/train").glob("*.cls"))[-1]
+    (data / "images/train-resized" / f"{orphan.stem}.jpg").unlink()
+    lines = []
+    run = h.RunData(data, tmp_path / "split.json", 0.2, log=lines.append)
+    assert img.stem not in run.train.stems and orphan.stem not in run.train.stems
+    assert any("no label file" in l and img.stem in l for l in lines)
+    assert any(orphan.name in l and "is missing" in l for l in lines)
+
+
+# ---- test folder ----------------------------------------------------------------------
+def test_test_names_must_be_leaderboard_ids(data):
+    p = _first(data, "images/test-resized")
+    p.rename(p.with_name("IMG_0001.jpg"))
+    with pytest.raises(h.DataError, match="12-digit"):
+        h.scan_data(data)
+
+
+def test_test_images_overlapping_training_stop(data):
+    p = _first(data)
+    shutil.copy(p, data / "images/test-resized" / p.name)
+    with pytest.raises(h.DataError, match="also appear in the training data"):
+        h.scan_data(data)
+
+
+def test_unreadable_test_image_stops(data):
+    _truncate(_first(data, "images/test-resized"))
+    with pytest.raises(h.DataError, match="unreadable test images"):
+        h.scan_data(data)
+
+
+def test_scan_is_fast_on_many_files(tmp_path):
+    """A header/tail look per file, not a decode: 5,000 files well under a few seconds."""
+    root = tmp_path / "ms-coco"
+    h.make_demo_data(root, n_train=50, n_test=5, seed=0, progress=False)
+    src = _first(root).read_bytes()
+    for i in range(5000):
+        (root / "images/train-resized" / f"{900000000000 + i}.jpg").write_bytes(src)
+        (root / "labels/train" / f"{900000000000 + i}.cls").write_text("1\n")
+    t0 = time.perf_counter()
+    assert h.scan_data(root)["skip"] == set()
+    assert time.perf_counter() - t0 < 10
+
+
+# ---- safe outputs ---------------------------------------------------------------------
+def test_disk_full_while_writing_keeps_old_submission(tmp_path, monkeypatch):
+    d = tmp_path / "test"
+    d.mkdir()
+    Image.new("RGB", (4, 4)).save(d / "000000000001.jpg")
+    path = h.write_submission({"000000000001": [1]}, tmp_path / "sub.json", d)
+    before = path.read_bytes()
+
+    def full(self, *a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(OSError, match="No space"):
+        h.write_submission({"000000000001": [2]}, path, d)
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_checkpoint_write_failure_keeps_previous(tmp_path, monkeypatch):
+    path = h.torch_save_atomic({"epoch": 1}, tmp_path / "last.pt")
+
+    def boom(obj, f, *a, **k):
+        Path(f).write_bytes(b"partial")
+        raise RuntimeError("killed")
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(RuntimeError):
+        h.torch_save_atomic({"epoch": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path)["epoch"] == 1 and len(list(tmp_path.iterdir())) == 1
+
+
+def test_run_folder_records_config_versions_and_split(tmp_path, demo_root):
+    cfg = {"run_dir": str(tmp_path / "run"), "seed": 3}
+    run_dir = h.prepare_run_dir(cfg)
+    env = json.loads((run_dir / "environment.json").read_text())
+    assert env["packages"]["torch"] == torch.__version__.split("+")[0] or env["packages"]["torch"]
+    assert env["library_version"] == h.__version__ and "git_commit" in env
+    assert json.loads((run_dir / "config.json").read_text()) == cfg
+    data = h.RunData(demo_root, run_dir / "split.json", 0.2)
+    split = json.loads((run_dir / "split.json").read_text())
+    assert sorted(split["train"] + split["val"]) == sorted(data.train.stems)
+
+
+# ---- kill and resume ------------------------------------------------------------------
+DRIVER = r'''
+import sys, torch
+sys.path.insert(0, sys.argv[3])
+import helpers as h
+root, run_dir = sys.argv[1], sys.argv[2]
+torch.set_num_threads(1)
+cfg = dict(seed=0, head="mlp", dropout=0.2, img_size=64, channels_last=True, amp=True, pad=True,
+           augment="trivial", batch_size=16, workers=0, loss="bce", progress=False, lr_head=1e-3,
+           weight_decay=1e-4, epochs_frozen=3, epochs_finetune=4, lr_finetune=1e-3,
+           backbone_lr_factor=0.1, compile=False, tta=True)
+data = h.RunData(root, run_dir + "/split.json", 0.25, 0)
+h.train_backbone("efficientnet_lite0", data, cfg, torch.device("cpu"), run_dir)
+print("FINISHED")
+'''
+
+
+def _driver(tmp_path, demo_root, run_dir):
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER)
+    return [sys.executable, str(script), str(demo_root), str(run_dir), str(ROOT)]
+
+
+def test_killed_run_resumes_to_the_same_result(tmp_path, demo_root):
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "killed"
+    out = subprocess.run(_driver(tmp_path, demo_root, ref_dir), capture_output=True, text=True, timeout=600)
+    assert "FINISHED" in out.stdout, out.stderr[-2000:]
+
+    proc = subprocess.Popen(_driver(tmp_path, demo_root, run_dir), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    ckpt = run_dir / "models/efficientnet_lite0/finetune_last.pt"
+    deadline = time.time() + 300
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)                     # mid fine-tuning, after >= 1 epoch
+    proc.wait()
+    assert not (run_dir / "models/efficientnet_lite0/result.json").exists()
+    assert torch.load(ckpt, weights_only=False)["epoch"] < 3   # not finished when killed
+
+    out = subprocess.run(_driver(tmp_path, demo_root, run_dir), capture_output=True, text=True, timeout=600)
+    assert "FINISHED" in out.stdout, out.stderr[-2000:]
+    assert "resuming after epoch" in out.stdout
+    a = np.load(ref_dir / "models/efficientnet_lite0/val_scores.npz")
+    b = np.load(run_dir / "models/efficientnet_lite0/val_scores.npz")
+    np.testing.assert_allclose(a["probs_tta"], b["probs_tta"], atol=1e-5)
+    ha = json.loads((ref_dir / "models/efficientnet_lite0/history.json").read_text())
+    hb = json.loads((run_dir / "models/efficientnet_lite0/history.json").read_text())
+    assert [r["val_loss"] for r in ha] == pytest.approx([r["val_loss"] for r in hb], abs=1e-5)
+    # a finished backbone is not trained again
+    out = subprocess.run(_driver(tmp_path, demo_root, run_dir), capture_output=True, text=True, timeout=600)
+    assert "already trained" in out.stdout
