@@ -1,0 +1,34 @@
+"""The README's main job, headless in smoke mode, on real COCO photos, scored like the leaderboard."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import helpers as h
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_headless_smoke_run_on_real_photos(real_dev, tmp_path):
+    run_dir = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COCO_")}
+    env.update(COCO_VAL_FRACTION="0.25")
+    out = subprocess.run([sys.executable, "run.py", "--smoke", "--no-analysis",
+                          "--data-root", str(real_dev / "ms-coco"), "--run-dir", str(run_dir)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert f"submission: {run_dir / 'submission.json'}" in out.stdout
+    sub = json.loads((run_dir / "submission.json").read_text())
+    h.validate_submission(sub, real_dev / "ms-coco/images/test-resized")
+    answers = real_dev / "test_labels.json"
+    score = h.score_submission(sub, answers)
+    # the same scorer on a trivial submission (the most frequent class for every image)
+    trivial = h.score_submission({s: [0] for s in sub}, answers)
+    print(f"\nsmoke run on real photos: course F1 {score['course_f1']:.4f} "
+          f"(P {score['precision']:.4f}, R {score['recall']:.4f}), macro F1 {score['macro_f1']:.4f}; "
+          f"'person' everywhere: course F1 {trivial['course_f1']:.4f}")
+    assert score["n_images"] == 32 and score["n_missing"] == 0
+    assert score["course_f1"] > trivial["course_f1"]
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["smoke"] is True and config["data_root"] == str(real_dev / "ms-coco")
