@@ -771,14 +771,27 @@ class MultiLabelNet(nn.Module):
         self.head = head
         self.name = name
         self.backbone_frozen = False
+        self.freeze_bn = False
 
     def forward(self, x):
         return self.head(self.backbone(x))
 
     def train(self, mode: bool = True):
+        """Train mode, except a frozen backbone (all of it) or its BatchNorm layers (``freeze_bn``).
+
+        With ``freeze_bn`` the BatchNorm layers keep normalising with their ImageNet running
+        statistics while their scale and shift still learn. Measured here: switching
+        EfficientNet-Lite0 to batch statistics changes its pooled features by 79% (relative
+        norm, 64 real COCO photos), so a head trained on frozen features meets different
+        features on the first fine-tuning step and the validation mAP collapses.
+        """
         super().train(mode)
         if self.backbone_frozen:
             self.backbone.eval()
+        elif mode and self.freeze_bn:
+            for m in self.backbone.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         return self
 
 
@@ -1066,13 +1079,19 @@ def evaluate_predictions(targets: np.ndarray, probs: np.ndarray, thresholds=0.5,
     }
 
 
-def per_class_table(targets: np.ndarray, probs: np.ndarray, thresholds=0.5) -> "pd.DataFrame":
-    """One row per class: support, precision, recall, F1, AP and the threshold used."""
+def per_class_table(targets: np.ndarray, probs: np.ndarray, thresholds=0.5, at_least_one: bool = False,
+                    train_counts=None) -> "pd.DataFrame":
+    """One row per class: support, predictions, precision, recall, F1, AP and the threshold.
+
+    The predictions are those the submission makes (``at_least_one`` as in the run), so the
+    rows average (weights 1/support) to the course precision and recall of the comparison
+    table. ``train_counts`` adds the training images per class (what the model learnt from).
+    """
     import pandas as pd
     from sklearn.metrics import average_precision_score
     y = np.asarray(targets).astype(bool)
     probs = np.asarray(probs)
-    pred = apply_thresholds(probs, thresholds)
+    pred = apply_thresholds(probs, thresholds, at_least_one)
     tp = (y & pred).sum(0)
     fp = (~y & pred).sum(0)
     support = y.sum(0)
@@ -1083,9 +1102,12 @@ def per_class_table(targets: np.ndarray, probs: np.ndarray, thresholds=0.5) -> "
     ap = [average_precision_score(y[:, c], probs[:, c]) if support[c] else np.nan
           for c in range(y.shape[1])]
     thr = np.broadcast_to(np.asarray(thresholds, dtype=float), (y.shape[1],))
-    return pd.DataFrame({"class": CLASSES[: y.shape[1]], "support": support, "predicted": pred.sum(0),
-                         "precision": precision, "recall": recall, "f1": f1, "ap": ap,
-                         "threshold": thr}).rename_axis("index")
+    table = pd.DataFrame({"class": CLASSES[: y.shape[1]], "support": support, "predicted": pred.sum(0),
+                          "precision": precision, "recall": recall, "f1": f1, "ap": ap,
+                          "threshold": thr}).rename_axis("index")
+    if train_counts is not None:
+        table.insert(1, "train images", np.asarray(train_counts).astype(int))
+    return table
 
 
 def best_global_threshold(targets: np.ndarray, probs: np.ndarray,
@@ -1771,6 +1793,20 @@ def _atomic_save_jpeg(path, img):
     os.replace(tmp, path)
 
 
+def _is_managed(name, suffix):
+    """True for names this generator writes: a 12-digit id plus suffix."""
+    stem = name[: -len(suffix)] if name.endswith(suffix) else ""
+    return len(stem) == 12 and stem.isdigit()
+
+
+def _count_managed(folder, suffix):
+    """Cheap completeness check (a directory listing, no file reads), so a
+    marker left next to partly deleted files does not skip regeneration."""
+    if not folder.is_dir():
+        return -1
+    return sum(1 for e in os.scandir(folder) if _is_managed(e.name, suffix))
+
+
 def _clear_managed(folder, suffix):
     """Remove files a previous (possibly different or interrupted) generation
     left, so the folder holds exactly the new set. Only names this generator
@@ -1779,10 +1815,8 @@ def _clear_managed(folder, suffix):
         return
     for entry in os.scandir(folder):
         name = entry.name
-        stem = name[: -len(suffix)] if name.endswith(suffix) else None
-        is_ours = stem is not None and len(stem) == 12 and stem.isdigit()
         is_tmp = name.startswith(".") and name.endswith(".tmp")
-        if entry.is_file() and (is_ours or is_tmp):
+        if entry.is_file() and (_is_managed(name, suffix) or is_tmp):
             os.remove(entry.path)
 
 
@@ -1802,9 +1836,11 @@ def make_demo_data(root, n_train=1000, n_test=200, seed=0, progress=True):
     Why a marker: regeneration is pointless work when the same parameters were
     already written completely, and the marker is only written after every
     other file, so its presence (with matching parameters) proves the set is
-    whole. Why per-image generators seeded with (seed, split, index): image i
-    is then the same no matter how many images are requested, and all bytes
-    are reproducible from the seed alone.
+    whole (a directory count also guards against files deleted afterwards).
+    Why per-image generators seeded with (seed, split, index): the content of
+    the i-th image is then the same no matter how many images are requested,
+    and all bytes are reproducible from the seed alone (given the same numpy
+    and Pillow/libjpeg versions).
 
     Returns {"root": str, "n_train", "n_test", "seconds", "class_counts"}
     where class_counts holds, per class, the number of training images that
@@ -1812,8 +1848,10 @@ def make_demo_data(root, n_train=1000, n_test=200, seed=0, progress=True):
     """
     t0 = time.perf_counter()
     root = Path(root)
-    if n_train < 1 or n_test < 1:
-        raise ValueError("n_train and n_test must be at least 1")
+    if n_train < 1 or n_test < 1 or n_train + n_test > 600_000:
+        raise ValueError("need n_train >= 1, n_test >= 1 and n_train + n_test <= 600000")
+    if seed < 0:
+        raise ValueError("seed must be a non-negative integer")
     params = _params(n_train, n_test, seed)
     train_img_dir = root / "images" / "train-resized"
     test_img_dir = root / "images" / "test-resized"
@@ -1825,7 +1863,11 @@ def make_demo_data(root, n_train=1000, n_test=200, seed=0, progress=True):
             saved = json.loads(marker.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             saved = None
-        if isinstance(saved, dict) and saved.get("params") == params:
+        if (isinstance(saved, dict) and saved.get("params") == params
+                and _count_managed(train_img_dir, ".jpg") == n_train
+                and _count_managed(label_dir, ".cls") == n_train
+                and _count_managed(test_img_dir, ".jpg") == n_test
+                and (root / "test_labels.json").is_file()):
             return {"root": str(root), "n_train": int(n_train), "n_test": int(n_test),
                     "seconds": time.perf_counter() - t0,
                     "class_counts": list(saved["class_counts"])}
@@ -2083,7 +2125,9 @@ def train_backbone(name: str, data: RunData, cfg: dict, device: torch.device, ru
     eval_t = build_transform(pre, train=False, pad=cfg["pad"])
     train_t = build_transform(pre, train=True, pad=cfg["pad"], augment=cfg["augment"])
     bs, workers = cfg["batch_size"], (None if cfg["workers"] < 0 else cfg["workers"])
-    loader = lambda ds, train: make_loader(ds, bs, train, device, workers, seed=cfg["seed"])  # noqa: E731
+    # evaluation needs no gradients: twice the batch (four times the images with flip TTA)
+    loader = lambda ds, train: make_loader(ds, bs if train else 2 * bs, train, device, workers,  # noqa: E731
+                                           seed=cfg["seed"])
     train_eval = loader(data.train.subset(data.train_idx, eval_t), False)
     train_aug_ds = data.train.subset(data.train_idx, train_t)
     val_loader = loader(data.train.subset(data.val_idx, eval_t), False)
@@ -2136,6 +2180,7 @@ def train_backbone(name: str, data: RunData, cfg: dict, device: torch.device, ru
     best_phase, best_score = "frozen", frozen["best"]
     if cfg["epochs_finetune"] > 0:
         unfreeze_backbone(model)
+        model.freeze_bn = bool(cfg.get("freeze_bn", True))
         train_loader = loader(train_aug_ds, True)
         opt = make_optimizer(param_groups(model, cfg["lr_finetune"], cfg["backbone_lr_factor"],
                                           cfg["weight_decay"]), device, cfg["lr_finetune"])
@@ -2174,14 +2219,14 @@ def train_backbone(name: str, data: RunData, cfg: dict, device: torch.device, ru
     val_seconds = time.perf_counter() - t0
     test = predict(model, test_loader, device, tta_flip=cfg["tta"], **fkw, desc=f"{name} test (TTA)")
     key = "probs_tta" if cfg["tta"] else "probs"
-    save_npz(out / "val_scores.npz", probs=val["probs"], probs_tta=val.get("probs_tta", val["probs"]),
-             targets=y_val, stems=np.array(data.val_stems))
-    save_npz(out / "test_scores.npz", probs=test["probs"],
-             probs_tta=test.get("probs_tta", test["probs"]), stems=np.array(test["stems"]))
+    tta = {"probs_tta": val["probs_tta"]} if cfg["tta"] else {}      # absent when not measured
+    save_npz(out / "val_scores.npz", probs=val["probs"], targets=y_val, stems=np.array(data.val_stems), **tta)
+    tta = {"probs_tta": test["probs_tta"]} if cfg["tta"] else {}
+    save_npz(out / "test_scores.npz", probs=test["probs"], stems=np.array(test["stems"]), **tta)
     save_json(history, out / "history.json")
     result = {"name": name, "best_phase": best_phase, "best_val_mAP": best_score,
               "train_seconds": train_seconds, "feature_seconds": feature_seconds,
-              "val_images_per_second": len(y_val) * (2 if cfg["tta"] else 1) / max(val_seconds, 1e-9),
+              "val_images_per_second": len(y_val) / max(val_seconds, 1e-9),   # with TTA if on
               "parameters": count_parameters(model), "preprocess": pre, "score_key": key}
     save_json(result, done)                    # written last: marks the backbone as finished
     log(f"[{name}] done in {train_seconds:.0f}s, best phase {best_phase}, val mAP {best_score:.4f}")
@@ -2314,7 +2359,9 @@ def find_answers(data_root: Path | str) -> Path | None:
 def plot_history(run_dir: Path | str, names: list[str], save: bool = True):
     """Loss and validation mAP / course F1 per epoch for each model, phases marked."""
     import matplotlib.pyplot as plt
+    from matplotlib.transforms import blended_transform_factory
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    frozen_ends = []
     for name in names:
         hist = load_json(Path(run_dir) / "models" / name / "history.json")
         if not hist:
@@ -2327,16 +2374,702 @@ def plot_history(run_dir: Path | str, names: list[str], save: bool = True):
         n_frozen = sum(r["phase"] == "frozen" for r in hist)
         for ax in axes:
             ax.axvline(n_frozen + 0.5, color=line.get_color(), lw=0.8, alpha=0.4)
+        frozen_ends.append(n_frozen + 0.5)
     for ax, title in zip(axes, ("loss (dashed: validation)", "validation mAP",
                                 "validation course F1 at 0.5")):
         ax.set_title(title)
         ax.set_xlabel("epoch (vertical line: frozen | fine-tuned)")
         ax.grid(alpha=0.3)
+        if frozen_ends:                        # shade and name the phases (shortest frozen phase)
+            end = min(frozen_ends)
+            ax.axvspan(0.5, end, color="grey", alpha=0.1, lw=0)
+            where = blended_transform_factory(ax.transData, ax.transAxes)
+            ax.text((0.5 + end) / 2, 0.97, "frozen", transform=where, ha="center", va="top",
+                    fontsize=8, color="dimgrey")
+            ax.text(end, 0.97, " fine-tuned", transform=where, ha="left", va="top",
+                    fontsize=8, color="dimgrey")
     axes[0].legend(fontsize=7)
     axes[1].legend(fontsize=7)
     fig.tight_layout()
     if save:
         fig.savefig(Path(run_dir) / "training_curves.png", dpi=100)
+    return fig
+
+
+# =============================================================================================
+# Analysis: figures and tables for analysis.ipynb
+# =============================================================================================
+# Why a section of its own: the analysis notebook trains nothing and reads only the run folder.
+# Everything here turns the saved validation scores into tables and figures with the metric
+# code above (never a second copy of it), so every number in the analysis is one the
+# challenge notebook could have chosen its thresholds and its submission with.
+
+#: How the best value of a table column is shown (bold on green: readable in print too).
+BEST_CELL_STYLE = "font-weight: bold; background-color: #c6efce"
+
+
+def save_figure(fig, run_dir: Path | str, name: str, dpi: int = 110) -> Path:
+    """Save ``fig`` as ``<run_dir>/figures/<name>.png`` (atomically) and return the path.
+
+    A handed-in notebook's figures are also wanted as files (report, slides), and one folder
+    per run keeps them beside the scores they were drawn from.
+    """
+    path = Path(run_dir) / "figures" / f"{name}.png"
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
+    return path
+
+
+class RunArtifacts:
+    """What the challenge notebook saved in a run folder, read once and checked.
+
+    The analysis needs, per model, the validation probabilities (plain and flip-TTA), the
+    targets, the history and ``result.json``, plus the run's config, summary, split and the
+    thresholds of the submission. ``probs`` holds the scores the run really thresholds
+    (``probs_tta`` when the run used TTA) and, with two or more models, the ensemble's mean,
+    exactly as :func:`compare_models` builds it. A missing file is reported with what writes
+    it: the usual cause is a run folder whose challenge notebook has not finished.
+    """
+
+    def __init__(self, run_dir: Path | str):
+        self.run_dir = Path(run_dir).expanduser()
+        hint = f"run challenge.ipynb to the end with RUN_DIR={self.run_dir} first"
+        missing = [n for n in ("config.json", "summary.json", "split.json", "thresholds.json")
+                   if not (self.run_dir / n).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{self.run_dir}: {', '.join(missing)} not found: {hint}")
+        self.config = load_json(self.run_dir / "config.json")
+        self.summary = load_json(self.run_dir / "summary.json")
+        self.split = load_json(self.run_dir / "split.json")
+        self.saved_thresholds = load_json(self.run_dir / "thresholds.json")
+        self.names = list(self.config["backbones"])
+        self.tta = bool(self.config.get("tta", True))
+        self.at_least_one = bool(self.config.get("at_least_one", True))
+        self.min_positives = int(self.config.get("min_positives", 5))
+        self.val, self.results, self.history = {}, {}, {}
+        for name in self.names:
+            folder = self.run_dir / "models" / name
+            for f in ("val_scores.npz", "result.json", "history.json"):
+                if not (folder / f).is_file():
+                    raise FileNotFoundError(f"{folder / f} not found (model {name} unfinished): {hint}")
+            self.val[name] = load_scores(self.run_dir, name, "val")
+            self.results[name] = load_json(folder / "result.json")
+            self.history[name] = load_json(folder / "history.json")
+        first = self.val[self.names[0]]
+        self.targets = np.asarray(first["targets"]).astype(np.uint8)
+        self.stems = [str(s) for s in first["stems"]]
+        for name in self.names[1:]:
+            if [str(s) for s in self.val[name]["stems"]] != self.stems:
+                raise ValueError(f"{name}'s validation images differ from {self.names[0]}'s: "
+                                 "the models of one run must share its split")
+        key = "probs_tta" if self.tta else "probs"
+        self.probs = {n: self.val[n][key] for n in self.names}
+        if len(self.names) > 1:
+            self.probs["ensemble"] = np.mean([self.probs[n] for n in self.names], axis=0)
+        self.models = list(self.probs)
+        absent = [m for m in self.models if m not in self.saved_thresholds]
+        if absent:
+            raise ValueError(f"thresholds.json has no entry for {absent}: {hint}")
+        self.thresholds = {m: np.asarray(self.saved_thresholds[m]["per_class"], dtype=float)
+                           for m in self.models}
+        self.global_thresholds = {m: float(self.saved_thresholds[m]["global"]) for m in self.models}
+        self.data_root = Path(self.summary.get("data_root") or self.config.get("data_root") or ".")
+
+    def chosen(self, name: str = "") -> str:
+        """``name`` if given (checked), else the model the challenge notebook submitted."""
+        name = name or self.summary.get("chosen") or self.models[-1]
+        if name not in self.models:
+            raise ValueError(f"{name!r} is not a model of this run: {self.models}")
+        return name
+
+    def predictions(self, name: str) -> np.ndarray:
+        """The binary validation predictions of ``name`` as the submission makes them."""
+        return apply_thresholds(self.probs[name], self.thresholds[name], self.at_least_one)
+
+    def image_path(self, stem: str) -> Path:
+        return data_paths(self.data_root)["train_images"] / f"{stem}.jpg"
+
+    def train_labels(self) -> np.ndarray | None:
+        """Labels of the run's training images (its split), or None when the data is not here.
+
+        Read from the label files, because the run folder stores only the validation
+        targets; the analysis can then run on a machine without the course data, with the
+        figures that need it left out.
+        """
+        folder = data_paths(self.data_root)["train_labels"]
+        names = [f"{s}.cls" for s in self.split["train"]]
+        if not folder.is_dir() or not names or not (folder / names[0]).is_file():
+            return None
+        return read_label_matrix(folder, names)
+
+
+def comparison_table(run: RunArtifacts) -> "pd.DataFrame":
+    """One row per model (and the ensemble): course F1 at each thresholding step, standard
+    metrics and the costs a team weighs them against.
+
+    Recomputed from the saved validation scores with :func:`tune_thresholds`, the function
+    :func:`compare_models` uses, so the numbers are those of the run's ``results.csv``.
+    Columns: course F1 of raw outputs > 0.5 (the course's recipe), of probabilities > 0.5,
+    at the best global threshold, at per-class thresholds (tuned and scored on the same
+    images: optimistic) and held out (tuned on one half, scored on the other); macro and
+    micro F1 and mAP at the submission's thresholds; parameters, training time and inference
+    speed (validation images per second, flip TTA counted as two). The ensemble costs the sum
+    of its members and runs them one after the other.
+    """
+    import pandas as pd
+    rows = []
+    for m in run.models:
+        t = tune_thresholds(run.targets, run.probs[m], run.min_positives, run.at_least_one)
+        members = run.names if m == "ensemble" else [m]
+        res = [run.results[n] for n in members]
+        speed = [r.get("val_images_per_second") or np.nan for r in res]
+        rows.append({
+            "model": m, "F1 raw>0.5": t["f1_logit_0.5"], "F1 @0.5": t["f1_0.5"],
+            "threshold": t["global_threshold"], "F1 global": t["f1_global"],
+            "F1 per-class": t["f1_per_class"], "F1 held-out": t["f1_per_class_heldout"],
+            "macro F1": t["macro_f1"], "micro F1": t["micro_f1"], "mAP": t["mAP"],
+            "params (M)": sum(r["parameters"] for r in res) / 1e6,
+            "train (min)": sum(r["train_seconds"] for r in res) / 60,
+            "images/s": 1.0 / sum(1.0 / s for s in speed),
+        })
+    return pd.DataFrame(rows).set_index("model")
+
+
+def best_mask(table: "pd.DataFrame", lower=(), skip=()) -> "pd.DataFrame":
+    """True where a cell holds its column's best value (highest; lowest for ``lower``).
+
+    Columns in ``skip`` (settings such as a threshold, not scores) are never marked.
+    NaN is never best; ties are all marked.
+    """
+    import pandas as pd
+    out = pd.DataFrame(False, index=table.index, columns=table.columns)
+    for col in table.columns:
+        if col in skip or not pd.api.types.is_numeric_dtype(table[col]):
+            continue
+        values = table[col].astype(float)
+        if values.isna().all():
+            continue
+        best = values.min() if col in lower else values.max()
+        out[col] = np.isclose(values, best, rtol=0, atol=1e-12) & values.notna()
+    return out
+
+
+def highlight_best(table: "pd.DataFrame", lower=(), skip=(), precision: int = 4):
+    """The table as a pandas ``Styler`` with the best value of each column in bold on green.
+
+    A comparison table is read column by column ("which model is fastest?"); marking each
+    column's winner answers that without scanning the digits.
+    """
+    mask = best_mask(table, lower, skip)
+    return (table.style.format(precision=precision)
+            .apply(lambda _: np.where(mask, BEST_CELL_STYLE, ""), axis=None))
+
+
+def plot_comparison(table: "pd.DataFrame", columns):
+    """Grouped bars: one group per metric, one bar per model, values written on the bars."""
+    import matplotlib.pyplot as plt
+    columns = list(columns)
+    n = len(table)
+    fig, ax = plt.subplots(figsize=(max(8.0, 1.1 * len(columns) * max(n, 2) * 0.6), 4.2))
+    x = np.arange(len(columns))
+    width = 0.8 / max(n, 1)
+    for i, (model, row) in enumerate(table[columns].iterrows()):
+        bars = ax.bar(x + (i - (n - 1) / 2) * width, row.to_numpy(dtype=float), width, label=model)
+        ax.bar_label(bars, fmt="%.3f", fontsize=7, padding=1, rotation=90 if n > 2 else 0)
+    ax.set_xticks(x, columns)
+    top = np.nanmax(table[columns].to_numpy(dtype=float)) if len(table) else 1.0
+    ax.set_ylim(0, min(1.0, top * 1.25) if top > 0 else 1.0)
+    ax.set_ylabel("validation score")
+    ax.set_title("models compared on the validation split")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    return fig
+
+
+def phase_summary(history: dict) -> "pd.DataFrame":
+    """Per model and phase: epochs, seconds per epoch, best validation mAP and course F1 at
+    0.5, last losses; from the saved histories (``{model: [epoch rows]}``).
+
+    It says in numbers what the training curves show: whether fine-tuning beat the frozen
+    backbone, at what cost per epoch, and whether validation loss rose while training loss
+    fell (over-fitting).
+    """
+    import pandas as pd
+    rows = []
+    for name, hist in history.items():
+        for phase in ("frozen", "finetune"):
+            rs = [r for r in hist if r.get("phase") == phase]
+            if not rs:
+                continue
+            rows.append({"model": name, "phase": phase, "epochs": len(rs),
+                         "s/epoch": float(np.mean([r.get("seconds", np.nan) for r in rs])),
+                         "best val mAP": max(r.get("val_mAP", np.nan) for r in rs),
+                         "best val F1@0.5": max(r.get("val_f1", np.nan) for r in rs),
+                         "last train loss": rs[-1].get("train_loss", np.nan),
+                         "last val loss": rs[-1].get("val_loss", np.nan)})
+    return pd.DataFrame(rows).set_index(["model", "phase"])
+
+
+def best_and_worst(report: "pd.DataFrame", n: int = 10) -> tuple:
+    """``(best, worst)``: the ``n`` classes with the highest and the lowest F1.
+
+    Only classes with validation positives are ranked (F1 says nothing about a class that
+    is absent); among equal F1 the better-supported class comes first, since its number is
+    the more certain one.
+    """
+    r = report[report["support"] > 0]
+    best = r.sort_values(["f1", "support"], ascending=[False, False], kind="stable").head(n)
+    worst = r.sort_values(["f1", "support"], ascending=[True, False], kind="stable").head(n)
+    return best, worst
+
+
+def plot_per_class_bars(report: "pd.DataFrame", title: str = ""):
+    """Precision, recall and F1 of every class as horizontal bars, best F1 at the top.
+
+    All 80 classes need a tall figure (about 0.19 inch a bar) to keep the names readable;
+    three panels on one axis let a reader follow one class across the metrics, and the
+    validation support beside each name says how far its bar can be trusted.
+    """
+    import matplotlib.pyplot as plt
+    r = report.sort_values(["f1", "support"], ascending=[True, True], kind="stable")
+    y = np.arange(len(r))
+    labels = [f"{c}  ({n})" for c, n in zip(r["class"], r["support"])]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 0.19 * len(r) + 1.6), sharey=True)
+    for ax, col, colour in zip(axes, ("precision", "recall", "f1"), ("#4c72b0", "#dd8452", "#55a868")):
+        ax.barh(y, r[col], height=0.75, color=colour)
+        mean = r.loc[r["support"] > 0, col].mean()
+        ax.axvline(mean, color="k", lw=0.8, ls="--")
+        ax.set_title(f"{col} (dashed: mean {mean:.2f})", fontsize=10)
+        ax.set_xlim(0, 1)
+        ax.grid(axis="x", alpha=0.3)
+        ax.tick_params(axis="x", labeltop=True)
+    axes[0].set_yticks(y, labels, fontsize=7)
+    for tick, n in zip(axes[0].get_yticklabels(), r["support"]):
+        if n == 0:
+            tick.set_color("grey")
+    axes[0].set_ylim(-0.7, len(r) - 0.3)
+    height = fig.get_figheight()
+    fig.suptitle(title or "per-class scores (validation positives in brackets)", fontsize=11,
+                 y=1 - 0.15 / height)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / height))
+    return fig
+
+
+def plot_f1_vs_frequency(reports: dict, counts, xlabel: str = "training images of the class"):
+    """Per-class F1 against class frequency (log scale), one colour per model.
+
+    The course metric weighs classes by 1/positives, so the left of this plot (rare classes)
+    is where the score is won or lost; the lines (median F1 per frequency bin) show whether a
+    model fails the rare classes as a group or only a few of them. Classes without
+    validation positives (F1 undefined, shown as 0 in the tables) are left out.
+    """
+    import matplotlib.pyplot as plt
+    counts = np.asarray(counts, dtype=float)
+    first = next(iter(reports.values()), None)
+    has_pos = first["support"].to_numpy() > 0 if first is not None else np.ones(len(counts), bool)
+    keep = (counts > 0) & has_pos
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    edges = np.unique(np.geomspace(counts[keep].min(), counts[keep].max() * 1.0001, 7)) if keep.any() else []
+    for i, (model, rep) in enumerate(reports.items()):
+        f1 = rep["f1"].to_numpy(dtype=float)
+        sc = ax.scatter(counts[keep], f1[keep], s=18, alpha=0.7, marker="os^Dv<>"[i % 7], label=model)
+        if len(edges) > 2:
+            mids, meds = [], []
+            for a, b in zip(edges[:-1], edges[1:]):
+                sel = keep & (counts >= a) & (counts < b)
+                if sel.any():
+                    mids.append(np.median(counts[sel]))
+                    meds.append(np.median(f1[sel]))
+            ax.plot(mids, meds, "-", color=sc.get_facecolor()[0][:3], lw=1.5)
+    ax.set_xscale("log")
+    ax.set_xlabel(f"{xlabel} (log scale)")
+    ax.set_ylabel("F1 at the model's per-class thresholds")
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_title("per-class F1 against class frequency (lines: median per frequency bin)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def threshold_sweep(targets: np.ndarray, probs: np.ndarray,
+                    grid=np.arange(0.02, 0.981, 0.01)) -> "pd.DataFrame":
+    """Course F1, macro F1 and labels per image for one global threshold at each grid value.
+
+    Course F1 comes from :func:`course_scores`; macro F1 from the same counts over the
+    classes with positives, as :func:`evaluate_predictions` defines it (a test checks they
+    agree). Counting once per threshold, instead of calling :func:`evaluate_predictions`
+    (which also computes mAP), keeps a 97-point sweep of 6,500 images under a second.
+    """
+    import pandas as pd
+    y = np.asarray(targets).astype(bool)
+    probs = np.asarray(probs)
+    has = y.any(0)
+    rows = []
+    for t in grid:
+        pred = probs > t
+        tp, fp, pos = _counts(y, pred)
+        denom = 2 * tp + fp + (pos - tp)
+        f1_c = np.where(denom > 0, 2 * tp / np.where(denom > 0, denom, 1), 0.0)
+        rows.append({"threshold": float(t), "course_f1": course_scores(tp, fp, pos)["f1"],
+                     "macro_f1": float(f1_c[has].mean()) if has.any() else 0.0,
+                     "labels_per_image": float(pred.sum(1).mean()) if len(pred) else 0.0})
+    return pd.DataFrame(rows)
+
+
+def plot_threshold_sweep(sweeps: dict, chosen: dict | None = None):
+    """Course F1 and macro F1 against one global threshold, one line per model.
+
+    Dotted: 0.5 on probabilities; dashed: the course's 0.5 on raw outputs (0.62 as a
+    probability); a dot marks each model's best global threshold (``chosen``). The course
+    metric peaks far lower than macro F1 because its rare classes want low thresholds.
+    """
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharex=True)
+    for model, sw in sweeps.items():
+        for ax, col in zip(axes, ("course_f1", "macro_f1")):
+            line, = ax.plot(sw["threshold"], sw[col], label=model)
+            if chosen and model in chosen:
+                i = int(np.argmin(np.abs(sw["threshold"].to_numpy() - chosen[model])))
+                ax.plot(sw["threshold"].iloc[i], sw[col].iloc[i], "o", color=line.get_color())
+    for ax, title in zip(axes, ("course F1 (leaderboard metric)", "macro F1")):
+        ax.axvline(0.5, color="grey", ls=":", lw=1)
+        ax.axvline(COURSE_LOGIT_THRESHOLD_AS_PROB, color="grey", ls="--", lw=1)
+        ax.set_title(f"{title} against one global threshold")
+        ax.set_xlabel("threshold on the probability")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_threshold_distribution(thresholds: dict, support, min_positives: int = 5,
+                                global_thresholds: dict | None = None):
+    """The per-class thresholds: their histogram, and each against the class's support.
+
+    Classes with fewer than ``min_positives`` validation positives get the global threshold
+    (shaded): the right panel shows how many classes that is, and whether frequent classes
+    really want higher thresholds than rare ones.
+    """
+    import matplotlib.pyplot as plt
+    support = np.asarray(support, dtype=float)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    bins = np.linspace(0, 1, 41)
+    rng = np.random.default_rng(0)
+    jitter = np.exp(rng.uniform(-0.08, 0.08, len(support)))
+    for i, (model, thr) in enumerate(thresholds.items()):
+        line = axes[0].hist(thr, bins=bins, histtype="step", lw=1.5, label=model)[2][0]
+        colour = line.get_edgecolor()
+        axes[1].scatter(np.maximum(support, 0.8) * jitter, thr, s=14, alpha=0.7, color=colour,
+                        marker="os^Dv<>"[i % 7], label=model)
+        if global_thresholds and model in global_thresholds:
+            axes[0].axvline(global_thresholds[model], color=colour, ls="--", lw=1)
+    axes[0].set_title("per-class thresholds (dashed: the global threshold)")
+    axes[0].set_xlabel("threshold")
+    axes[0].set_ylabel("classes")
+    axes[1].axvspan(0.7, min_positives - 0.5, color="grey", alpha=0.15,
+                    label=f"< {min_positives} positives: global threshold")
+    axes[1].set_xscale("log")
+    axes[1].set_xlabel("validation positives of the class (log scale)")
+    axes[1].set_ylabel("threshold")
+    axes[1].set_title("threshold against class support")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def threshold_steps(targets: np.ndarray, probs: np.ndarray, probs_tta: np.ndarray | None,
+                    ensemble: np.ndarray | None = None, min_positives: int = 5,
+                    seed: int = 0) -> "pd.DataFrame":
+    """What each step from the course's recipe to the submission adds, on validation.
+
+    Steps, each on top of the previous: the course recipe (raw outputs > 0.5), the sigmoid
+    (probability > 0.5), the best global threshold, per-class thresholds, the top-1
+    guarantee, flip TTA (``probs_tta``, thresholds tuned again; left out when None, e.g. a
+    run without TTA, which saves no ``probs_tta``) and the ensemble (mean
+    of the models' probabilities; left out when ``ensemble`` is None). Course F1, its precision
+    and recall, macro F1 and labels per image from :func:`evaluate_predictions`; for the
+    tuned steps also the held-out course F1 of :func:`tune_thresholds` (the honest one), and
+    the gain of each step over the previous one.
+    """
+    import pandas as pd
+    y = np.asarray(targets).astype(bool)
+    rows = []
+
+    def add(step, p, thr, at_least_one, heldout=np.nan):
+        m = evaluate_predictions(y, p, thr, at_least_one)
+        rows.append({"step": step, "course F1": m["course_f1"], "held-out": heldout,
+                     "precision": m["precision"], "recall": m["recall"], "macro F1": m["macro_f1"],
+                     "labels/image": m["labels_per_image"]})
+
+    plain = tune_thresholds(y, probs, min_positives, at_least_one=False, seed=seed)
+    top1 = tune_thresholds(y, probs, min_positives, at_least_one=True, seed=seed)
+    add("course recipe: raw output > 0.5", probs, COURSE_LOGIT_THRESHOLD_AS_PROB, False)
+    add("sigmoid: probability > 0.5", probs, 0.5, False)
+    add(f"best global threshold ({plain['global_threshold']:.2f})", probs, plain["global_threshold"], False)
+    add("per-class thresholds", probs, plain["per_class"], False, plain["f1_per_class_heldout"])
+    add("+ top-1 guarantee", probs, top1["per_class"], True, top1["f1_per_class_heldout"])
+    if probs_tta is not None:
+        tta = tune_thresholds(y, probs_tta, min_positives, at_least_one=True, seed=seed)
+        add("+ flip TTA", probs_tta, tta["per_class"], True, tta["f1_per_class_heldout"])
+    if ensemble is not None:
+        ens = tune_thresholds(y, ensemble, min_positives, at_least_one=True, seed=seed)
+        add("+ ensemble", ensemble, ens["per_class"], True, ens["f1_per_class_heldout"])
+    table = pd.DataFrame(rows).set_index("step")
+    table.insert(1, "gain", table["course F1"].diff())
+    table.insert(3, "held-out gain", table["held-out"].diff())
+    return table
+
+
+def plot_threshold_steps(steps: "pd.DataFrame"):
+    """The steps table as bars: course F1 on the tuning images, and held out where tuned."""
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(9, 0.6 * len(steps) + 1.6))
+    y = np.arange(len(steps))[::-1].astype(float)
+    held = steps["held-out"].to_numpy(dtype=float)
+    ok = ~np.isnan(held)
+    tuned = ax.barh(y + np.where(ok, 0.19, 0), steps["course F1"], height=np.where(ok, 0.38, 0.6),
+                    color="#4c72b0", label="scored on the images it was tuned on")
+    ax.bar_label(tuned, fmt="%.3f", fontsize=8, padding=2)
+    if ok.any():
+        out = ax.barh(y[ok] - 0.19, held[ok], height=0.38, color="#dd8452",
+                      label="held out: tuned on one half, scored on the other")
+        ax.bar_label(out, fmt="%.3f", fontsize=8, padding=2)
+    ax.set_yticks(y, steps.index, fontsize=8)
+    top = max(np.nanmax(steps["course F1"].to_numpy(dtype=float)), np.nanmax(held) if ok.any() else 0)
+    ax.set_xlim(0, min(1.0, top * 1.15) if top > 0 else 1.0)
+    ax.set_xlabel("course F1 on the validation split")
+    ax.set_title("from the course's recipe to the submission, step by step")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12 - 0.3 / len(steps)), ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def pick_classes(support, n: int = 4) -> dict:
+    """``{"frequent": [...], "rare": [...]}``: the ``n`` classes with most and fewest validation
+    positives (rare ones among classes with at least one; the two lists never overlap)."""
+    support = np.asarray(support)
+    has = np.flatnonzero(support > 0)
+    order = has[np.argsort(-support[has], kind="stable")]
+    frequent = [int(c) for c in order[:n]]
+    rare = [int(c) for c in order[::-1] if c not in frequent][:n]
+    return {"frequent": frequent, "rare": rare}
+
+
+def plot_pr_curves(targets: np.ndarray, probs: np.ndarray, thresholds, groups: dict):
+    """Precision-recall curves of a few classes per group, the chosen threshold marked.
+
+    The red dot is where the per-class threshold puts the class; the dotted line is the
+    class's prevalence (a random ranking). A frequent class has a smooth curve whose
+    threshold barely matters; a rare class has a few steps, and its threshold is fitted to
+    a handful of images.
+    """
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import average_precision_score, precision_recall_curve
+    y = np.asarray(targets).astype(bool)
+    thr = np.broadcast_to(np.asarray(thresholds, dtype=float), (y.shape[1],))
+    ncol = max([len(v) for v in groups.values()] + [1])
+    fig, axes = plt.subplots(len(groups), ncol, figsize=(3.2 * ncol, 3.2 * len(groups)), squeeze=False)
+    for row, (label, classes) in enumerate(groups.items()):
+        for col in range(ncol):
+            ax = axes[row, col]
+            if col >= len(classes):
+                ax.axis("off")
+                continue
+            c = classes[col]
+            p, r, _ = precision_recall_curve(y[:, c], probs[:, c])
+            ax.step(r, p, where="post", lw=1.5)
+            pred = probs[:, c] > thr[c]
+            tp = int((pred & y[:, c]).sum())
+            ax.plot(tp / max(y[:, c].sum(), 1), tp / max(pred.sum(), 1), "o", color="red",
+                    label=f"threshold {thr[c]:.2f}")
+            ax.axhline(y[:, c].mean(), color="grey", ls=":", lw=1)
+            ap = average_precision_score(y[:, c], probs[:, c])
+            ax.set_title(f"{label}: {CLASSES[c]}\n{int(y[:, c].sum())} positives, AP {ap:.2f}", fontsize=9)
+            ax.set_xlim(-0.02, 1.02)
+            ax.set_ylim(-0.02, 1.02)
+            ax.set_xlabel("recall", fontsize=8)
+            ax.set_ylabel("precision", fontsize=8)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    return fig
+
+
+def error_examples(targets: np.ndarray, pred: np.ndarray, probs: np.ndarray, cls: int, n: int = 3) -> tuple:
+    """``(false positives, false negatives)`` of class ``cls``: row indices, worst first.
+
+    The most confident false positives and the least confident false negatives are the
+    instructive ones: a missing annotation, a look-alike class, an object too small to see.
+    """
+    y = np.asarray(targets)[:, cls].astype(bool)
+    p = np.asarray(pred)[:, cls].astype(bool)
+    s = np.asarray(probs)[:, cls]
+    fp = np.flatnonzero(p & ~y)
+    fn = np.flatnonzero(~p & y)
+    return (fp[np.argsort(-s[fp], kind="stable")][:n], fn[np.argsort(s[fn], kind="stable")][:n])
+
+
+def _names(row: np.ndarray, first: int | None = None, scores=None, limit: int = 4,
+           width: int = 40) -> str:
+    """Class names of one image's labels: ``first`` leading (the class the row is about),
+    the rest by descending ``scores`` when given; at most ``limit`` names and about ``width``
+    characters (a caption under a small image), then a count of the rest."""
+    idx = np.flatnonzero(row)
+    if scores is not None:
+        idx = idx[np.argsort(-np.asarray(scores)[idx], kind="stable")]
+    if first is not None and first in idx:
+        idx = np.r_[first, idx[idx != first]]
+    shown = []
+    for i in idx[:limit]:
+        if shown and len(", ".join(shown + [CLASSES[i]])) > width:
+            break
+        shown.append(CLASSES[i])
+    text = ", ".join(shown)
+    return (text + f" +{len(idx) - len(shown)}" if len(idx) > len(shown) else text) or "(none)"
+
+
+def plot_error_grid(image_paths, targets: np.ndarray, pred: np.ndarray, probs: np.ndarray,
+                    classes, n: int = 3):
+    """For each class, its ``n`` worst false positives and ``n`` worst false negatives.
+
+    Each image shows the class's probability and, below, the image's true and predicted
+    labels (the row's class first, predictions by probability): whether a "false" positive
+    is a missing annotation or a real confusion can often be read off the picture.
+    ``image_paths[i]`` is the file of validation row ``i``; a missing file gives a grey tile,
+    so the figure still says which image it was.
+    """
+    import matplotlib.pyplot as plt
+    classes = list(classes)
+    fig, axes = plt.subplots(max(len(classes), 1), 2 * n, figsize=(2.3 * 2 * n, 2.75 * max(len(classes), 1)),
+                             squeeze=False)
+    for row, c in enumerate(classes):
+        fps, fns = error_examples(targets, pred, probs, c, n)
+        for col in range(2 * n):
+            ax = axes[row, col]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            kind, items = ("false positive", fps) if col < n else ("false negative", fns)
+            k = col if col < n else col - n
+            if col == 0:
+                ax.set_ylabel(CLASSES[c], fontsize=10, fontweight="bold")
+            if k >= len(items):
+                ax.text(0.5, 0.5, f"no {kind}", ha="center", va="center", fontsize=8, color="grey")
+                for sp in ax.spines.values():
+                    sp.set_visible(False)
+                continue
+            i = int(items[k])
+            path = Path(image_paths[i])
+            try:
+                img = load_rgb(path)
+                img.thumbnail((200, 200))
+                ax.imshow(img)
+            except (OSError, DataError):
+                ax.imshow(np.full((8, 8, 3), 0.85))
+                ax.text(0.5, 0.5, f"{path.name}\nnot found", ha="center", va="center",
+                        fontsize=7, transform=ax.transAxes)
+            colour = "#c0392b" if col < n else "#2e6da4"
+            ax.set_title(f"{'FP' if col < n else 'FN'}  p={probs[i, c]:.2f}", fontsize=8, color=colour)
+            ax.set_xlabel(f"true: {_names(targets[i], c)}\npred: {_names(pred[i], c, probs[i])}",
+                          fontsize=6.5)
+            for sp in ax.spines.values():
+                sp.set_color(colour)
+                sp.set_linewidth(2)
+    fig.suptitle("worst classes: most confident false positives (red) and least confident "
+                 "false negatives (blue)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def cooccurrence(Y: np.ndarray) -> np.ndarray:
+    """``P[i, j]``: the fraction of images with class ``i`` that also have class ``j``.
+
+    Conditional rather than raw counts, which would only repeat the class frequencies
+    (person dominates every row). The diagonal (always 1) and rows of classes that never
+    occur are NaN.
+    """
+    Y = np.asarray(Y, dtype=np.float64)
+    C = Y.T @ Y
+    n = np.diag(C).copy()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        P = C / n[:, None]
+    P[n == 0] = np.nan
+    np.fill_diagonal(P, np.nan)
+    return P
+
+
+def cooccurrence_similarity(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation of two co-occurrence matrices over the entries both define.
+
+    One number for "do the predictions combine classes the way the training data does?";
+    NaN when fewer than three entries are defined in both or either is constant.
+    """
+    a, b = np.asarray(a, dtype=float).ravel(), np.asarray(b, dtype=float).ravel()
+    ok = np.isfinite(a) & np.isfinite(b)
+    if ok.sum() < 3 or a[ok].std() == 0 or b[ok].std() == 0:
+        return float("nan")
+    return float(np.corrcoef(a[ok], b[ok])[0, 1])
+
+
+def plot_cooccurrence(matrices: dict):
+    """The co-occurrence matrices side by side, all 80 class names on both axes.
+
+    A square-root colour scale, so that the many weak pairs stay visible next to the strong
+    ones (dining table with cup, fork, knife).
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import PowerNorm
+    k = max(len(matrices), 1)
+    fig, axes = plt.subplots(1, k, figsize=(10 * k + 1, 10.5), squeeze=False, layout="constrained")
+    im = None
+    for ax, (title, P) in zip(axes[0], matrices.items()):
+        im = ax.imshow(np.ma.masked_invalid(P), cmap="viridis", norm=PowerNorm(0.5, vmin=0, vmax=1),
+                       interpolation="nearest")
+        ticks = np.arange(P.shape[0])
+        ax.set_xticks(ticks, CLASSES[: P.shape[0]], rotation=90, fontsize=5)
+        ax.set_yticks(ticks, CLASSES[: P.shape[0]], fontsize=5)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("also in the image: class j")
+        ax.set_ylabel("images with class i")
+    if im is not None:
+        fig.colorbar(im, ax=list(axes[0]), shrink=0.5, pad=0.01, label="P(class j | class i)")
+    return fig
+
+
+def label_count_table(targets: np.ndarray, pred: np.ndarray, cap: int = 10) -> "pd.DataFrame":
+    """Images by (true labels, predicted labels) count, counts above ``cap`` pooled as ``cap``."""
+    import pandas as pd
+    t = np.minimum(np.asarray(targets).sum(1), cap)
+    p = np.minimum(np.asarray(pred).sum(1), cap)
+    table = pd.crosstab(pd.Series(t, name="true labels"), pd.Series(p, name="predicted labels"))
+    full = range(0, int(max(t.max(initial=0), p.max(initial=0))) + 1)
+    return table.reindex(index=full, columns=full, fill_value=0)
+
+
+def plot_label_counts(table: "pd.DataFrame", cap: int = 10):
+    """The :func:`label_count_table` as a heatmap: on the diagonal the count is right,
+    above it the model predicts too many labels, below it too few."""
+    import matplotlib.pyplot as plt
+    v = table.to_numpy()
+    fig, ax = plt.subplots(figsize=(0.5 * v.shape[1] + 2.5, 0.45 * v.shape[0] + 1.8))
+    ax.imshow(v, cmap="Blues", origin="lower", aspect="auto")
+    for (i, j), n in np.ndenumerate(v):
+        if n:
+            ax.text(j, i, str(n), ha="center", va="center", fontsize=7,
+                    color="white" if n > v.max() / 2 else "black")
+    m = min(v.shape) - 1
+    ax.plot([-0.5, m + 0.5], [-0.5, m + 0.5], color="red", lw=0.8, ls="--")
+    lab = lambda vals: [f"{x}+" if x == cap else str(x) for x in vals]  # noqa: E731
+    ax.set_xticks(range(v.shape[1]), lab(table.columns))
+    ax.set_yticks(range(v.shape[0]), lab(table.index))
+    ax.set_xlabel("predicted labels per image")
+    ax.set_ylabel("true labels per image")
+    ax.set_title("images by number of true and predicted labels (dashed: equal)")
+    fig.tight_layout()
     return fig
 
 
