@@ -1311,6 +1311,35 @@ def warmup_cosine(optimizer, total_steps: int, warmup_steps: int = 0, final_fact
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+class _EpochCounts:
+    """Loss and course-metric counts of the training predictions, summed on the device.
+
+    Reading them once at the end of the epoch, instead of a ``.item()`` per batch, keeps the
+    GPU from waiting for the CPU at every step.
+    """
+
+    def __init__(self, num_classes: int, device):
+        self.loss = torch.zeros((), device=device)
+        self.tp = torch.zeros(num_classes, device=device)
+        self.fp = torch.zeros_like(self.tp)
+        self.pos = torch.zeros_like(self.tp)
+        self.seen = 0
+
+    @torch.no_grad()
+    def add(self, logits, y, loss) -> None:
+        pred = (logits.detach() > 0).float()          # sigmoid(logit) > 0.5
+        self.loss += loss.detach() * len(y)
+        self.tp += (pred * y).sum(0)
+        self.fp += (pred * (1 - y)).sum(0)
+        self.pos += y.sum(0)
+        self.seen += len(y)
+
+    def result(self) -> dict:
+        s = course_scores(self.tp.cpu().numpy(), self.fp.cpu().numpy(), self.pos.cpu().numpy())
+        return {"loss": float(self.loss) / max(self.seen, 1), "accuracy": s["accuracy"], "f1": s["f1"],
+                "precision": s["precision"], "recall": s["recall"]}
+
+
 def train_one_epoch(model, loader, criterion, optimizer, device, scheduler=None, amp_dtype=None,
                     scaler=None, channels_last: bool = False, progress: bool = True,
                     desc: str = "train") -> dict:
@@ -1321,11 +1350,7 @@ def train_one_epoch(model, loader, criterion, optimizer, device, scheduler=None,
     the GPU); loss and counts are summed on the device and read once at the end.
     """
     model.train()
-    loss_sum = torch.zeros((), device=device)
-    tp = torch.zeros(NUM_CLASSES, device=device)
-    fp = torch.zeros_like(tp)
-    pos = torch.zeros_like(tp)
-    seen = 0
+    counts = _EpochCounts(NUM_CLASSES, device)
     for x, y in _progress(loader, progress, desc=desc, leave=False):
         x = x.to(device, non_blocking=True)
         if channels_last:
@@ -1344,16 +1369,8 @@ def train_one_epoch(model, loader, criterion, optimizer, device, scheduler=None,
             optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        with torch.no_grad():
-            pred = (logits.detach() > 0).float()      # sigmoid(logit) > 0.5
-            loss_sum += loss.detach() * len(x)
-            tp += (pred * y).sum(0)
-            fp += (pred * (1 - y)).sum(0)
-            pos += y.sum(0)
-        seen += len(x)
-    s = course_scores(tp.cpu().numpy(), fp.cpu().numpy(), pos.cpu().numpy())
-    return {"loss": float(loss_sum) / max(seen, 1), "accuracy": s["accuracy"], "f1": s["f1"],
-            "precision": s["precision"], "recall": s["recall"]}
+        counts.add(logits, y, loss)
+    return counts.result()
 
 
 @torch.inference_mode()
@@ -1438,10 +1455,7 @@ def train_head_epoch(head: nn.Module, feats: torch.Tensor, targets: torch.Tensor
     head.train()
     n = len(feats)
     order = torch.randperm(n, generator=generator)
-    loss_sum = torch.zeros((), device=device)
-    tp = torch.zeros(targets.shape[1], device=device)
-    fp = torch.zeros_like(tp)
-    pos = torch.zeros_like(tp)
+    counts = _EpochCounts(targets.shape[1], device)
     for start in range(0, n, batch_size):
         idx = order[start:start + batch_size]
         x = feats[idx].to(device, non_blocking=True).float()
@@ -1453,15 +1467,8 @@ def train_head_epoch(head: nn.Module, feats: torch.Tensor, targets: torch.Tensor
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        with torch.no_grad():
-            pred = (logits > 0).float()
-            loss_sum += loss.detach() * len(idx)
-            tp += (pred * y).sum(0)
-            fp += (pred * (1 - y)).sum(0)
-            pos += y.sum(0)
-    s = course_scores(tp.cpu().numpy(), fp.cpu().numpy(), pos.cpu().numpy())
-    return {"loss": float(loss_sum) / max(n, 1), "accuracy": s["accuracy"], "f1": s["f1"],
-            "precision": s["precision"], "recall": s["recall"]}
+        counts.add(logits, y, loss)
+    return counts.result()
 
 
 @torch.inference_mode()
