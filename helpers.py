@@ -1340,6 +1340,20 @@ class _EpochCounts:
                 "precision": s["precision"], "recall": s["recall"]}
 
 
+def _step(loss, optimizer, scheduler=None, scaler=None) -> None:
+    """One optimisation step: backward (scaled for float16), update, then the per-step LR."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+
+
 def train_one_epoch(model, loader, criterion, optimizer, device, scheduler=None, amp_dtype=None,
                     scaler=None, channels_last: bool = False, progress: bool = True,
                     desc: str = "train") -> dict:
@@ -1359,16 +1373,7 @@ def train_one_epoch(model, loader, criterion, optimizer, device, scheduler=None,
         with autocast(device, amp_dtype):
             logits = model(x)
             loss = criterion(logits.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
+        _step(loss, optimizer, scheduler, scaler)
         counts.add(logits, y, loss)
     return counts.result()
 
@@ -1466,11 +1471,7 @@ def train_head_epoch(head: nn.Module, feats: torch.Tensor, targets: torch.Tensor
         y = targets[idx].to(device, non_blocking=True).float()
         logits = head(x)
         loss = criterion(logits, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
+        _step(loss, optimizer, scheduler)
         counts.add(logits, y, loss)
     return counts.result()
 
