@@ -613,7 +613,7 @@ def print_table(res: dict) -> None:
             lines.append(f"   {name:22}{fmt(v['course_images_per_s']):>10}{fmt(v['fast_images_per_s']):>10}"
                          f"{fmt(v['ratio'], 2):>8}{fmt(v['course_tta_images_per_s']):>12}"
                          f"{fmt(v['fast_tta_images_per_s']):>13}{fmt(v['ratio_tta'], 2):>8}")
-        lines.append("   course TTA = two forward passes; library TTA = image and mirror in one batch (predict)")
+        lines.append("   course TTA = two forward passes; library TTA = predict(): one stacked batch on CUDA, two calls on a CPU")
     mem = res["memory"]
     lines += ["", "5. Peak memory per part (main process RSS; DataLoader workers not included)",
               f"   {'part':12}{'seconds':>10}{'peak RSS MB':>13}{'CUDA max MB':>13}"]
