@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFile
+from PIL import Image, ImageDraw
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -1110,8 +1109,12 @@ def per_class_table(targets: np.ndarray, probs: np.ndarray, thresholds=0.5, at_l
     return table
 
 
+#: The thresholds a single global threshold is searched over (per-class ones stay in this range too).
+THRESHOLD_GRID = np.arange(0.02, 0.981, 0.01)
+
+
 def best_global_threshold(targets: np.ndarray, probs: np.ndarray,
-                          grid=np.arange(0.02, 0.981, 0.01)) -> tuple[float, float]:
+                          grid=THRESHOLD_GRID) -> tuple[float, float]:
     """The single threshold with the best course F1 on these scores: ``(threshold, f1)``."""
     y = np.asarray(targets).astype(bool)
     scores = [course_f1(y, np.asarray(probs) > t)["f1"] for t in grid]
@@ -2525,7 +2528,7 @@ def comparison_table(run: RunArtifacts) -> "pd.DataFrame":
     at the best global threshold, at per-class thresholds (tuned and scored on the same
     images: optimistic) and held out (tuned on one half, scored on the other); macro and
     micro F1 and mAP at the submission's thresholds; parameters, training time and inference
-    speed (validation images per second, flip TTA counted as two). The ensemble costs the sum
+    speed (validation images per second, with flip TTA when the run used it). The ensemble costs the sum
     of its members and runs them one after the other.
     """
     import pandas as pd
@@ -2705,8 +2708,7 @@ def plot_f1_vs_frequency(reports: dict, counts, xlabel: str = "training images o
     return fig
 
 
-def threshold_sweep(targets: np.ndarray, probs: np.ndarray,
-                    grid=np.arange(0.02, 0.981, 0.01)) -> "pd.DataFrame":
+def threshold_sweep(targets: np.ndarray, probs: np.ndarray, grid=THRESHOLD_GRID) -> "pd.DataFrame":
     """Course F1, macro F1 and labels per image for one global threshold at each grid value.
 
     Course F1 comes from :func:`course_scores`; macro F1 from the same counts over the

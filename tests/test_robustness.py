@@ -1,6 +1,5 @@
 """Faulty inputs, interrupted runs and safe outputs: each case built in a temporary folder."""
 import json
-import os
 import shutil
 import signal
 import subprocess
