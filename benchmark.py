@@ -11,14 +11,14 @@ measures, each time the course's way against the library's:
 
 1. frozen phase, ``--epochs`` epochs on ``--n-images`` images: the course loop (``train_loop``
    over a DataLoader, backbone recomputed every epoch) against cached features
-   (``extract_features`` once, then ``train_head_epoch``), wall time and validation mAP. Both
+   (``extract_features`` once, then ``helpers.train_loop`` over the cached features), wall time and validation mAP. Both
    sides start from the same head, see the same batch order and the same dropout masks, so
    their mAPs differ only by the float16 rounding of the cached features;
 2. training DataLoader throughput: ``DataLoader(ds, B, shuffle=True)`` with the course's
    ``Resize((224, 224))`` transform in the main process, against ``make_loader`` with the
    library's training transform (aspect-keeping pad, flip, TrivialAugment, erasing) and workers;
 3. fine-tuning throughput per backbone on random tensors (compute only): fp32 contiguous,
-   plain AdamW, ``train_loop`` with its ``loss.item()`` per batch, against ``train_one_epoch``
+   plain AdamW, the course's loop with its ``loss.item()`` per batch, against ``helpers.train_loop``
    with channels-last, ``amp_settings`` autocast (none on the CPU) and ``make_optimizer``
    (fused AdamW on CUDA);
 4. test inference throughput, without and with flip TTA (``predict``);
@@ -49,11 +49,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Sampler, Subset
+from torch.utils.data import BatchSampler, DataLoader, Sampler, Subset
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
-import helpers as h  # noqa: E402
+import helpers as h
+from cocochallenge import config, data, demo, files, metrics, models, split, training, transforms  # noqa: E402
 
 #: The notebook's default real run (parameters cell of challenge.ipynb), for the projection.
 REAL_RUN = {"backbones": ["convnext_tiny", "efficientnet_v2_s", "mobilenet_v3_large"],
@@ -158,9 +159,9 @@ def ratio(a, b):
 class EpochPermutation(Sampler):
     """``shuffle=True`` with a per-epoch seeded order that the cached-feature path can replay.
 
-    ``torch.randperm(n, generator seeded with seed * 7919 + epoch)`` is exactly the order that
-    ``train_head_epoch`` draws from the same seeded generator (as ``train_backbone`` seeds it),
-    so both sides see the same batches in the same order.
+    ``torch.randperm(n, generator seeded with seed * 7919 + epoch)``; the cached-feature side
+    batches the same permutation (:func:`feature_batches`), so both sides see the same
+    batches in the same order.
     """
 
     def __init__(self, n: int, seed: int):
@@ -176,6 +177,31 @@ class EpochPermutation(Sampler):
 
     def __len__(self):
         return self.n
+
+
+def feature_batches(feats, targets, order: Sampler, batch_size: int) -> DataLoader:
+    """Cached features served in the batches of ``order`` (whole batches per index list).
+
+    Its own generator, as the course side's loader has: creating an iterator then draws its
+    base seed there, not from the global generator that the dropout masks come from.
+    """
+    return DataLoader(training.CachedFeatures(feats, targets), batch_size=None, generator=torch.Generator(),
+                      sampler=BatchSampler(order, batch_size, drop_last=False))
+
+
+def course_train_loop(train_loader, net, criterion, optimizer, device):
+    """The course's training epoch as handed out: the baseline the fast path is measured against
+    (``helpers.train_loop`` is completed for speed, so it cannot be its own baseline)."""
+    net.train()
+    running_loss = 0.0
+    for batch in train_loader:
+        inputs, labels = batch[0].to(device), batch[1].to(device)
+        optimizer.zero_grad()
+        outputs = net(inputs)
+        loss = criterion(outputs, labels)
+        loss.backward()
+        optimizer.step()
+        running_loss += loss.item()
 
 
 @torch.no_grad()
@@ -199,21 +225,20 @@ def bench_frozen(args, device, ds, train_idx, val_idx) -> dict:
     course_epochs = min(args.course_epochs or E, E)
     y_train, y_val = ds.labels[train_idx], ds.labels[val_idx]
     torch.manual_seed(seed)
-    course_model, pre = h.build_model(args.frozen_backbone, pretrained=True, prior=y_train.mean(0))
+    course_model, pre = models.build_model(args.frozen_backbone, pretrained=True, prior=y_train.mean(0))
     pre = {**pre, "size": args.frozen_img_size}
-    eval_t = h.build_transform(pre, train=False)
+    eval_t = transforms.build_transform(pre, train=False)
     train_set, val_set = ds.subset(train_idx, eval_t), ds.subset(val_idx, eval_t)
     course_model.to(device)
-    h.freeze_backbone(course_model)
+    models.freeze_backbone(course_model)
     fast_model = copy.deepcopy(course_model).to(memory_format=torch.channels_last)
     head0 = copy.deepcopy(course_model.head.state_dict())
     criterion = nn.BCEWithLogitsLoss()
-    amp_dtype, _ = h.amp_settings(device)
-    y_train_t = torch.from_numpy(y_train)
+    amp_dtype, _ = training.amp_settings(device)
     with torch.no_grad():                               # warm-up: kernel selection, not timed
         x0 = torch.stack([train_set[i][0] for i in range(min(B, len(train_set)))]).to(device)
         course_model.eval()(x0)
-        with h.autocast(device, amp_dtype):
+        with training.autocast(device, amp_dtype):
             fast_model.eval()(x0.contiguous(memory_format=torch.channels_last))
     sync(device)
 
@@ -221,28 +246,30 @@ def bench_frozen(args, device, ds, train_idx, val_idx) -> dict:
         """The library's frozen phase, start to end: features once, then the head."""
         fast_model.head.load_state_dict(head0)
         opt = torch.optim.AdamW(fast_model.head.parameters(), lr=args.lr_head, weight_decay=1e-4)
-        fkw = dict(amp_dtype=amp_dtype, channels_last=True, progress=False)
+        fkw = dict(amp_dtype=amp_dtype, channels_last=True, show_progress=False)
         t_start = time.perf_counter()
-        train_loader = h.make_loader(train_set, B, False, device)
-        f_train = h.extract_features(fast_model.backbone, train_loader, device, **fkw)
-        f_val = h.extract_features(fast_model.backbone, h.make_loader(val_set, B, False, device),
+        train_loader = transforms.make_loader(train_set, B, False, device)
+        f_train = training.extract_features(fast_model.backbone, train_loader, device, **fkw)
+        f_val = training.extract_features(fast_model.backbone, transforms.make_loader(val_set, B, False, device),
                                    device, **fkw)
         sync(device)
         t_feat = time.perf_counter()
-        gen = torch.Generator()
+        order = EpochPermutation(len(f_train), seed)    # the course side's batch order
+        feats = feature_batches(f_train, y_train, order, B)
+        val_feats = training.feature_loader(f_val, y_val, 4096, shuffle=False)
         torch.manual_seed(seed)                         # the course side's dropout masks
         probs_at = None
         for epoch in range(E):
-            gen.manual_seed(seed * 7919 + epoch)        # the course side's batch order
-            h.train_head_epoch(fast_model.head, f_train, y_train_t, criterion, opt, device, B, None, gen)
+            order.set_epoch(epoch)
+            h.train_loop(feats, fast_model.head, criterion, opt, device)
             if epoch + 1 == eval_at:                    # compare like with like (cheap)
-                probs_at = torch.sigmoid(h.head_logits(fast_model.head, f_val, device)).numpy()
+                probs_at = training.predict(fast_model.head, val_feats, device, show_progress=False)["probs"]
         sync(device)
         t_head = time.perf_counter()
-        probs = torch.sigmoid(h.head_logits(fast_model.head, f_val, device)).numpy()
+        probs = training.predict(fast_model.head, val_feats, device, show_progress=False)["probs"]
         t_end = time.perf_counter()                     # the metric itself is not timed (either side)
-        fast_map = h.mean_average_precision(y_val, probs)
-        map_at = None if probs_at is None else h.mean_average_precision(y_val, probs_at)
+        fast_map = metrics.mean_average_precision(y_val, probs)
+        map_at = None if probs_at is None else metrics.mean_average_precision(y_val, probs_at)
         return {"seconds": t_end - t_start, "feature_seconds": t_feat - t_start,
                 "head_seconds": t_head - t_feat, "eval_seconds": t_end - t_head, "val_mAP": fast_map,
                 "val_mAP_at_course_epochs": fast_map if map_at is None else map_at,
@@ -262,7 +289,7 @@ def bench_frozen(args, device, ds, train_idx, val_idx) -> dict:
     for epoch in range(course_epochs):
         sampler.set_epoch(epoch)
         t0 = time.perf_counter()
-        h.train_loop(loader, course_model, criterion, opt, device)
+        course_train_loop(loader, course_model, criterion, opt, device)
         sync(device)
         epoch_seconds.append(time.perf_counter() - t0)
         if epoch in fast_after:
@@ -272,7 +299,7 @@ def bench_frozen(args, device, ds, train_idx, val_idx) -> dict:
     t0 = time.perf_counter()
     probs = course_probs(course_model, DataLoader(val_set, batch_size=B, shuffle=False), device)
     course_eval = time.perf_counter() - t0
-    course_map = h.mean_average_precision(y_val, probs)
+    course_map = metrics.mean_average_precision(y_val, probs)
     course = {"seconds": min(epoch_seconds) * E + course_eval,
               "seconds_wall": float(np.mean(epoch_seconds)) * E + course_eval,
               "eval_seconds": course_eval, "epoch_seconds": epoch_seconds,
@@ -324,12 +351,12 @@ def bench_loader(args, device, ds, train_idx) -> dict:
     n = args.loader_images + B                         # +1 batch: the excluded first one
     idx = np.resize(np.asarray(train_idx), n)          # repeat the images to the wanted count
     course_t = T.Compose([T.Resize((args.img_size, args.img_size)), T.ToTensor(),
-                          T.Normalize(h.IMAGENET_MEAN, h.IMAGENET_STD)])
+                          T.Normalize(models.IMAGENET_MEAN, models.IMAGENET_STD)])
     course_ds = h.COCOTrainImageDataset(ds.img_dir, ds.annotations_dir, transform=course_t)
     course_loader = DataLoader(Subset(course_ds, idx.tolist()), batch_size=B, shuffle=True)
-    pre = {"size": args.img_size, "mean": h.IMAGENET_MEAN, "std": h.IMAGENET_STD}
-    fast_loader = h.make_loader(ds.subset(idx, h.build_transform(pre, train=True)), B, True, device,
-                                seed=args.seed)
+    pre = {"size": args.img_size, "mean": models.IMAGENET_MEAN, "std": models.IMAGENET_STD}
+    fast_loader = transforms.make_loader(ds.subset(idx, transforms.build_transform(pre, train=True)), B, True,
+                                         device)
     course_rounds, fast_rounds = [], []
     for _ in range(args.rounds):                        # alternate; best round of each
         course_rounds.append(loader_rate(course_loader, device, args.loader_images))
@@ -351,28 +378,28 @@ def bench_loader(args, device, ds, train_idx) -> dict:
 # =============================================================================================
 def bench_backbone(name: str, args, device) -> tuple[dict, dict]:
     B, S, steps, rounds = args.ft_batch_size, args.img_size, args.steps, args.rounds
-    pretrained = h.BACKBONES[name]["kind"] == "lite0"  # the only weights available offline
+    pretrained = models.BACKBONES[name]["kind"] == "lite0"  # the only weights available offline
     torch.manual_seed(args.seed)
-    base, _ = h.build_model(name, pretrained=pretrained)
+    base, _ = models.build_model(name, pretrained=pretrained)
     init = copy.deepcopy(base.state_dict())
     gen = torch.Generator().manual_seed(args.seed)
     xs = [torch.randn(B, 3, S, S, generator=gen) for _ in range(steps)]
     ys = [(torch.rand(B, h.NUM_CLASSES, generator=gen) < 0.04).float() for _ in range(steps)]
     batches = [(x.to(device), y.to(device)) for x, y in zip(xs, ys)]
     criterion = nn.BCEWithLogitsLoss()
-    amp_dtype, scaler = h.amp_settings(device)
+    amp_dtype, scaler = training.amp_settings(device)
 
     course_model = base.to(device)                    # fp32, contiguous: the course's way
     course_opt = torch.optim.AdamW(course_model.parameters(), lr=1e-4)
     fast_model = copy.deepcopy(course_model).to(memory_format=torch.channels_last)
-    fast_opt = h.make_optimizer(h.param_groups(fast_model, 1e-4, 0.1), device, 1e-4)
+    fast_opt = training.make_optimizer(models.param_groups(fast_model, 1e-4, 0.1), device, 1e-4)
 
     def course_step(batches_):
-        h.train_loop(batches_, course_model, criterion, course_opt, device)
+        course_train_loop(batches_, course_model, criterion, course_opt, device)
 
     def fast_step(batches_):
-        h.train_one_epoch(fast_model, batches_, criterion, fast_opt, device, None, amp_dtype,
-                          scaler, channels_last=True, progress=False)
+        h.train_loop(batches_, fast_model, criterion, fast_opt, device, amp_dtype=amp_dtype,
+                     scaler=scaler, channels_last=True)
 
     def timed(fn, data):
         sync(device)
@@ -412,8 +439,8 @@ def bench_backbone(name: str, args, device) -> tuple[dict, dict]:
             p.cpu()
 
     def fast_infer(data, tta=False):
-        h.predict(fast_model, data, device, tta_flip=tta, amp_dtype=amp_dtype,
-                  channels_last=True, progress=False)
+        training.predict(fast_model, data, device, tta_flip=tta, amp_dtype=amp_dtype,
+                  channels_last=True, show_progress=False)
 
     variants = {"course": lambda d: course_infer(d), "course_tta": lambda d: course_infer(d, True),
                 "fast": lambda d: fast_infer(d), "fast_tta": lambda d: fast_infer(d, True)}
@@ -473,7 +500,7 @@ def labels_worker(folder: str, val_fraction: float, seed: int) -> int:
     t0 = time.perf_counter()
     ds = h.COCOTrainImageDataset(root / "images" / "train-resized", root / "labels" / "train")
     t1 = time.perf_counter()
-    train_idx, val_idx = h.stratified_split(ds.labels, val_fraction, seed)
+    train_idx, val_idx = split.stratified_split(ds.labels, val_fraction, seed)
     t2 = time.perf_counter()
     peak = peak_rss_mb()
     Y = ds.labels
@@ -684,7 +711,7 @@ def parse_args(argv=None):
                    help="course epochs actually run, the rest extrapolated linearly and labelled so "
                         "(default 0: all --epochs; 3 saves about 80%% of part 1 on a busy machine)")
     p.add_argument("--frozen-img-size", type=int, help="image size of the frozen phase (128; quick 64)")
-    p.add_argument("--frozen-backbone", default=h.OFFLINE_BACKBONE)
+    p.add_argument("--frozen-backbone", default=models.OFFLINE_BACKBONE)
     p.add_argument("--lr-head", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, help="frozen phase and loader batch size (64; quick 16)")
     p.add_argument("--img-size", type=int, help="loader, fine-tuning, inference size (224; quick 64)")
@@ -708,7 +735,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.labels_worker:
         return args
-    args.device = h.pick_device(args.device)
+    args.device = config.pick_device(args.device)
     cuda = args.device.type == "cuda"
     for key, value in {**DEFAULTS, **(QUICK if args.quick else {})}.items():
         if getattr(args, key, None) is None:
@@ -718,8 +745,8 @@ def parse_args(argv=None):
             setattr(args, key, cuda_v if cuda else cpu_v)
     args.backbones = [b.strip() for b in args.backbones.split(",") if b.strip()]
     for b in args.backbones:
-        if b not in h.BACKBONES:
-            p.error(f"unknown backbone {b!r}; choose from {', '.join(h.BACKBONES)}")
+        if b not in models.BACKBONES:
+            p.error(f"unknown backbone {b!r}; choose from {', '.join(models.BACKBONES)}")
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     for s in args.sections:
         if s not in SECTIONS:
@@ -771,10 +798,10 @@ def run(args) -> dict:
         if {"frozen", "loader"} & set(args.sections):
             n_total = args.n_images + args.n_val
             root = workdir / f"demo-{n_total}-seed{args.seed}" / "ms-coco"
-            h.make_demo_data(root, n_train=n_total, n_test=4, seed=args.seed, progress=False)
-            paths = h.data_paths(root)
+            demo.make_demo_data(root, n_train=n_total, n_test=4, seed=args.seed, progress=False)
+            paths = data.data_paths(root)
             ds = h.COCOTrainImageDataset(paths["train_images"], paths["train_labels"])
-            train_idx, val_idx = h.stratified_split(ds.labels, args.n_val / n_total, args.seed)
+            train_idx, val_idx = split.stratified_split(ds.labels, args.n_val / n_total, args.seed)
         if "frozen" in args.sections:
             with Section("frozen", device, memory):
                 res["frozen"] = bench_frozen(args, device, ds, train_idx, val_idx)
@@ -842,9 +869,9 @@ def main(argv=None) -> int:
         return labels_worker(args.labels_worker, 0.1, args.seed)
     res = run(args)
     print_table(res)
-    line = json.dumps(res, default=h._json_default)
+    line = json.dumps(res, default=files._json_default)
     if args.json:
-        h.save_json(res, args.json)
+        files.save_json(res, args.json)
     print(line, flush=True)
     return 0
 

@@ -32,20 +32,80 @@ DEMO_DEFAULTS = {
 }
 
 
-def execute(notebook: Path, out: Path, timeout: int) -> float:
-    """Execute ``notebook`` with the repository as working directory; save the executed copy."""
-    import nbformat
+#: The kernel JupyterLab names "Python 3 (ipykernel)": stored as such, an opened copy is not
+#: marked modified at once.
+KERNELSPEC = {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}
+
+
+def _client_class():
     from nbclient import NotebookClient
+
+    class TalkingClient(NotebookClient):
+        """Prints each section title as its cells start, and the kernel's printed lines as they come."""
+
+        quiet = False
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._section = None
+
+        def _say(self, text: str) -> None:
+            if not self.quiet:
+                print(text, end="" if text.endswith("\n") else "\n", flush=True)
+
+        def output(self, outs, msg, display_id, cell_index):
+            if msg["msg_type"] == "stream":                       # print(), epoch lines, warnings
+                self._say("    " + msg["content"]["text"].replace("\n", "\n    ").rstrip(" "))
+            return super().output(outs, msg, display_id, cell_index)
+
+    return TalkingClient
+
+
+def _section_titles(nb) -> dict:
+    """Index of each code cell -> the markdown heading above it (to say what runs now)."""
+    titles, current = {}, None
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type == "markdown":
+            heading = next((l.lstrip("#").strip() for l in cell.source.splitlines() if l.startswith("#")), None)
+            current = heading or current
+        else:
+            titles[i] = current
+    return titles
+
+
+def execute(notebook: Path, out: Path, timeout: int, quiet: bool = False) -> float:
+    """Execute ``notebook`` with the repository as working directory; save a signed executed copy.
+
+    Signing marks the copy as trusted on this machine (JupyterLab then shows its styled
+    tables as they were made); the kernel name is the one JupyterLab writes.
+    """
+    import nbformat
+    from nbformat.sign import NotebookNotary
     nb = nbformat.read(notebook, as_version=4)
+    nb.metadata["kernelspec"] = KERNELSPEC
     os.environ["COCO_HEADLESS"] = "1"     # the TensorBoard cell then only says where the logs are
+    titles, shown = _section_titles(nb), set()
+    client_cls = _client_class()
+    client = client_cls(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}})
+    client.quiet = quiet
+
+    def on_start(cell, cell_index, **_):
+        title = titles.get(cell_index)
+        if title and title not in shown and not quiet:
+            shown.add(title)
+            print(f"[{notebook.name}] {title}", flush=True)
+    client.on_cell_start = on_start
     t0 = time.perf_counter()
-    client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
-                            resources={"metadata": {"path": str(ROOT)}})
     try:
         client.execute()
     finally:
         out.parent.mkdir(parents=True, exist_ok=True)
+        nb.metadata["kernelspec"] = KERNELSPEC
         nbformat.write(nb, out)
+        try:
+            NotebookNotary().sign(nb)
+        except Exception as err:          # a read-only Jupyter data folder: unsigned, still valid
+            print(f"note: could not sign {out} as trusted ({err}); use 'Trust Notebook' in JupyterLab")
     return time.perf_counter() - t0
 
 
@@ -57,11 +117,13 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, same code path")
     parser.add_argument("--no-analysis", action="store_true", help="skip the analysis notebook")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
+    parser.add_argument("--quiet", action="store_true", help="print only the final lines")
     args = parser.parse_args(argv)
 
     env = {}
     if args.smoke:
-        env.update(COCO_SMOKE="1", COCO_RUN_DIR="runs/smoke", COCO_PROGRESS="0")
+        env.update(COCO_SMOKE="1", COCO_RUN_DIR="runs/smoke", COCO_DEMO_DIR="data/smoke/ms-coco",
+                   COCO_PROGRESS="0")
     elif not os.environ.get("COCO_DATA_ROOT") and not args.data_root:
         env.update(DEMO_DEFAULTS)
     if args.data_root:
@@ -74,13 +136,20 @@ def main(argv=None) -> int:
         os.environ.setdefault(key, value)           # the caller's own COCO_* settings win
     run_dir = Path(os.environ.get("COCO_RUN_DIR", "runs/main"))
     run_dir = run_dir if run_dir.is_absolute() else ROOT / run_dir
-    print("settings:", {k: v for k, v in sorted(os.environ.items()) if k.startswith("COCO_")}, flush=True)
+    if not args.quiet:
+        print("settings:", {k: v for k, v in sorted(os.environ.items()) if k.startswith("COCO_")}, flush=True)
 
     t0 = time.perf_counter()
-    seconds = execute(ROOT / "challenge.ipynb", run_dir / "challenge.ipynb", args.timeout)
+    seconds = execute(ROOT / "challenge.ipynb", run_dir / "challenge.ipynb", args.timeout, args.quiet)
     print(f"challenge notebook: {seconds:.0f}s -> {run_dir / 'challenge.ipynb'}", flush=True)
+    if (run_dir / "results.csv").exists():
+        import pandas as pd
+        table = pd.read_csv(run_dir / "results.csv", index_col=0)
+        cols = [c for c in ("f1_0.5", "f1_global", "f1_per_class", "f1_per_class_heldout", "macro_f1", "mAP",
+                            "train_minutes") if c in table]
+        print("validation scores (course F1 unless named):\n" + table[cols].round(4).to_string(), flush=True)
     if not args.no_analysis and (ROOT / "analysis.ipynb").exists():
-        seconds = execute(ROOT / "analysis.ipynb", run_dir / "analysis.ipynb", args.timeout)
+        seconds = execute(ROOT / "analysis.ipynb", run_dir / "analysis.ipynb", args.timeout, args.quiet)
         print(f"analysis notebook: {seconds:.0f}s -> {run_dir / 'analysis.ipynb'}", flush=True)
     submission = run_dir / "submission.json"
     print(f"total {time.perf_counter() - t0:.0f}s")

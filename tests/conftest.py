@@ -22,9 +22,9 @@ def real_dev():
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory):
     """A small generated dataset shared by the tests that only read it."""
-    import helpers as h
+    from cocochallenge import demo
     root = tmp_path_factory.mktemp("demo") / "ms-coco"
-    h.make_demo_data(root, n_train=240, n_test=40, seed=3, progress=False)
+    demo.make_demo_data(root, n_train=240, n_test=40, seed=3, progress=False)
     return root
 
 
@@ -33,3 +33,19 @@ def write_labels(folder: Path, rows: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for stem, classes in rows.items():
         (folder / f"{stem}.cls").write_text("".join(f"{c}\n" for c in classes))
+
+
+def load_run_data(root, split_path, val_fraction=0.1, seed=0, log=print):
+    """The data cells of challenge.ipynb (scan, datasets, report, split), for tests that break data."""
+    import types
+
+    import helpers as h
+    from cocochallenge import data, split
+    paths = data.data_paths(root)
+    scan = data.scan_data(root)
+    train = h.COCOTrainImageDataset(paths["train_images"], paths["train_labels"])
+    train.drop(scan["skip"])
+    test = h.COCOTestImageDataset(paths["test_images"])
+    data.report_data(scan, train.label_notes, log=log)
+    tr, va = split.load_or_make_split(train, split_path, val_fraction, seed, data.data_fingerprint(train, test))
+    return types.SimpleNamespace(scan=scan, train=train, test=test, train_idx=tr, val_idx=va)

@@ -8,7 +8,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
-import helpers as h  # noqa: E402
+import helpers as h
+from cocochallenge import analysis, files, metrics, plots, runs  # noqa: E402
 
 C = h.NUM_CLASSES
 
@@ -35,21 +36,21 @@ def run_dir(tmp_path):
         out.mkdir(parents=True)
         q = np.clip(p + rng.normal(0, 0.05 * (k + 1), p.shape), 1e-4, 1 - 1e-4).astype(np.float32)
         q_tta = np.clip(q + rng.normal(0, 0.02, p.shape), 1e-4, 1 - 1e-4).astype(np.float32)
-        h.save_npz(out / "val_scores.npz", probs=q, probs_tta=q_tta, targets=y, stems=stems)
-        h.save_npz(out / "test_scores.npz", probs=q[:10], probs_tta=q_tta[:10], stems=stems[:10])
-        h.save_json({"train_seconds": 60.0 * (k + 1), "parameters": 1_000_000 * (k + 2),
+        files.save_npz(out / "val_scores.npz", probs=q, probs_tta=q_tta, targets=y, stems=stems)
+        files.save_npz(out / "test_scores.npz", probs=q[:10], probs_tta=q_tta[:10], stems=stems[:10])
+        files.save_json({"train_seconds": 60.0 * (k + 1), "parameters": 1_000_000 * (k + 2),
                      "val_images_per_second": 100.0 / (k + 1)}, out / "result.json")
-        h.save_json([{"phase": ph, "epoch": e, "global_epoch": g, "seconds": 2.0, "train_loss": 1 / g,
+        files.save_json([{"phase": ph, "epoch": e, "global_epoch": g, "seconds": 2.0, "train_loss": 1 / g,
                       "val_loss": 1.1 / g, "val_f1": 0.1 * g, "val_mAP": 0.1 * g}
                      for g, (ph, e) in enumerate([("frozen", 1), ("frozen", 2), ("finetune", 1)], 1)],
                     out / "history.json")
-    h.save_json({"backbones": names, "tta": True, "at_least_one": True, "min_positives": 5,
+    files.save_json({"backbones": names, "tta": True, "at_least_one": True, "min_positives": 5,
                  "data_root": ""}, tmp_path / "config.json")
-    h.save_json({"chosen": "ensemble", "data_root": str(tmp_path / "nowhere"), "demo": True},
+    files.save_json({"chosen": "ensemble", "data_root": str(tmp_path / "nowhere"), "demo": True},
                 tmp_path / "summary.json")
-    h.save_json({"seed": 0, "val_fraction": 0.1, "train": ["000000999999"], "val": stems.tolist()},
+    files.save_json({"seed": 0, "val_fraction": 0.1, "train": ["000000999999"], "val": stems.tolist()},
                 tmp_path / "split.json")
-    h.compare_models(tmp_path, names, tta=True, min_positives=5, at_least_one=True)
+    runs.compare_models(tmp_path, names, tta=True, min_positives=5, at_least_one=True)
     return tmp_path
 
 
@@ -57,10 +58,10 @@ def test_threshold_sweep_matches_library_metrics():
     y, p = _scores()
     y[:, 7] = 0                                            # a class without positives: not averaged
     grid = np.array([0.05, 0.2, 0.5, 0.8])
-    sw = h.threshold_sweep(y, p, grid)
+    sw = analysis.threshold_sweep(y, p, grid)
     assert len(sw) == len(grid)
     for t, row in zip(grid, sw.itertuples()):
-        ref = h.evaluate_predictions(y, p, t)
+        ref = metrics.evaluate_predictions(y, p, t)
         assert row.course_f1 == pytest.approx(ref["course_f1"], abs=1e-12)
         assert row.macro_f1 == pytest.approx(ref["macro_f1"], abs=1e-12)
         assert row.labels_per_image == pytest.approx(ref["labels_per_image"])
@@ -68,37 +69,37 @@ def test_threshold_sweep_matches_library_metrics():
 
 def test_per_class_table_adds_up_to_the_course_metric():
     y, p = _scores(seed=3)
-    thr = np.maximum(h.per_class_thresholds(y, p), 0.8)     # high: many images get no class ...
-    assert (h.apply_thresholds(p, thr).sum(1) == 0).sum() > 10  # ... so the top-1 guarantee matters
-    rep = h.per_class_table(y, p, thr, at_least_one=True, train_counts=y.sum(0) * 9)
+    thr = np.maximum(metrics.per_class_thresholds(y, p), 0.8)     # high: many images get no class ...
+    assert (metrics.apply_thresholds(p, thr).sum(1) == 0).sum() > 10  # ... so the top-1 guarantee matters
+    rep = metrics.per_class_table(y, p, thr, at_least_one=True, train_counts=y.sum(0) * 9)
     assert len(rep) == C and list(rep["train images"]) == list(y.sum(0) * 9)
     w = 1.0 / rep["support"].to_numpy()
     w /= w.sum()
-    ref = h.evaluate_predictions(y, p, thr, at_least_one=True)
+    ref = metrics.evaluate_predictions(y, p, thr, at_least_one=True)
     assert (rep["precision"] * w).sum() == pytest.approx(ref["precision"], abs=1e-12)
     assert (rep["recall"] * w).sum() == pytest.approx(ref["recall"], abs=1e-12)
-    assert rep["predicted"].sum() == h.apply_thresholds(p, thr, True).sum()
+    assert rep["predicted"].sum() == metrics.apply_thresholds(p, thr, True).sum()
     # without the top-1 guarantee fewer predictions are made
-    plain = h.per_class_table(y, p, thr)
+    plain = metrics.per_class_table(y, p, thr)
     assert plain["predicted"].sum() < rep["predicted"].sum() and "train images" not in plain
 
 
 def test_best_mask_marks_each_columns_winner():
     t = pd.DataFrame({"f1": [0.2, 0.5, 0.5], "seconds": [3.0, 1.0, 2.0], "threshold": [0.1, 0.9, 0.3],
                       "speed": [np.nan, 4.0, 1.0], "name": ["a", "b", "c"]}, index=["x", "y", "z"])
-    m = h.best_mask(t, lower=["seconds"], skip=["threshold"])
+    m = analysis.best_mask(t, lower=["seconds"], skip=["threshold"])
     assert m["f1"].tolist() == [False, True, True]          # ties are all marked
     assert m["seconds"].tolist() == [False, True, False]    # lower is better
     assert not m["threshold"].any() and not m["name"].any()
     assert m["speed"].tolist() == [False, True, False]      # NaN is never best
-    html = h.highlight_best(t.drop(columns="name"), lower=["seconds"], skip=["threshold"]).to_html()
+    html = analysis.highlight_best(t.drop(columns="name"), lower=["seconds"], skip=["threshold"]).to_html()
     assert html.count("font-weight: bold") >= 1
 
 
 def test_best_and_worst_rank_only_classes_with_positives():
     rep = pd.DataFrame({"class": list("abcde"), "support": [0, 5, 1, 9, 3],
                         "f1": [0.0, 0.0, 0.9, 0.0, 0.5]})
-    best, worst = h.best_and_worst(rep, 2)
+    best, worst = analysis.best_and_worst(rep, 2)
     assert list(best["class"]) == ["c", "e"]
     assert list(worst["class"]) == ["d", "b"]               # equal F1: better-supported first
     assert "a" not in set(best["class"]) | set(worst["class"])
@@ -108,32 +109,32 @@ def test_error_examples_are_the_most_confident_mistakes():
     y = np.array([[1], [0], [0], [1], [1], [0]])
     probs = np.array([[0.9], [0.8], [0.6], [0.1], [0.3], [0.2]])
     pred = probs > 0.5
-    fp, fn = h.error_examples(y, pred, probs, 0, n=5)
+    fp, fn = analysis.error_examples(y, pred, probs, 0, n=5)
     assert fp.tolist() == [1, 2]                            # highest probability first
     assert fn.tolist() == [3, 4]                            # lowest probability first
-    fp1, _ = h.error_examples(y, pred, probs, 0, n=1)
+    fp1, _ = analysis.error_examples(y, pred, probs, 0, n=1)
     assert fp1.tolist() == [1]
     row = np.zeros(C, dtype=bool)
     row[[1, 2, 3, 4, 5, 60]] = True                       # the grid's captions: the row's class first
-    assert h._names(row, first=60).startswith("dining table, bicycle")
+    assert plots._names(row, first=60).startswith("dining table, bicycle")
     scores = np.zeros(C)
     scores[5] = 0.9
-    assert h._names(row, first=60, scores=scores).startswith("dining table, bus, bicycle")
-    assert h._names(row).endswith("+2") and h._names(np.zeros(C)) == "(none)"
-    assert h._names(row, width=12) == "bicycle, car +4"      # captions stay short
+    assert plots._names(row, first=60, scores=scores).startswith("dining table, bus, bicycle")
+    assert plots._names(row).endswith("+2") and plots._names(np.zeros(C)) == "(none)"
+    assert plots._names(row, width=12) == "bicycle, car +4"      # captions stay short
 
 
 def test_cooccurrence_is_conditional_and_similarity_is_a_correlation():
     Y = np.zeros((4, C), dtype=np.uint8)
     Y[:, 0] = 1                                             # class 0 in all four images
     Y[:2, 1] = 1                                            # class 1 in two of them
-    P = h.cooccurrence(Y)
+    P = analysis.cooccurrence(Y)
     assert P[0, 1] == pytest.approx(0.5) and P[1, 0] == pytest.approx(1.0)
     assert np.isnan(P[0, 0]) and np.isnan(P[5]).all()       # diagonal and absent classes
     a = np.random.default_rng(0).random((C, C))
-    assert h.cooccurrence_similarity(a, a) == pytest.approx(1.0)
-    assert h.cooccurrence_similarity(a, 1 - a) == pytest.approx(-1.0)
-    assert np.isnan(h.cooccurrence_similarity(P, P * np.nan))
+    assert analysis.cooccurrence_similarity(a, a) == pytest.approx(1.0)
+    assert analysis.cooccurrence_similarity(a, 1 - a) == pytest.approx(-1.0)
+    assert np.isnan(analysis.cooccurrence_similarity(P, P * np.nan))
 
 
 def test_label_count_table_counts_and_caps():
@@ -143,7 +144,7 @@ def test_label_count_table_counts_and_caps():
     pred[0, :2] = True
     y[1, :1] = 1
     pred[1, :15] = True                                    # 15 predicted: pooled as 10
-    t = h.label_count_table(y, pred, cap=10)
+    t = analysis.label_count_table(y, pred, cap=10)
     assert t.to_numpy().sum() == 3
     assert t.loc[2, 2] == 1 and t.loc[1, 10] == 1 and t.loc[0, 0] == 1
     assert t.shape == (11, 11)
@@ -152,36 +153,36 @@ def test_label_count_table_counts_and_caps():
 def test_pick_classes_frequent_and_rare_do_not_overlap():
     support = np.zeros(C, dtype=int)
     support[:6] = [50, 40, 3, 2, 1, 30]
-    g = h.pick_classes(support, 3)
+    g = analysis.pick_classes(support, 3)
     assert g["frequent"] == [0, 1, 5]
     assert g["rare"] == [4, 3, 2]                            # classes without positives never
-    small = h.pick_classes(support, 4)
+    small = analysis.pick_classes(support, 4)
     assert not set(small["frequent"]) & set(small["rare"])
 
 
 def test_threshold_steps_accumulate_and_skip_a_missing_ensemble():
     y, p = _scores(seed=4)
     p_tta = np.clip(p + 0.01, 0, 1)
-    steps = h.threshold_steps(y, p, p_tta, None, min_positives=5)
+    steps = analysis.threshold_steps(y, p, p_tta, None, min_positives=5)
     assert len(steps) == 6 and "+ ensemble" not in steps.index
     assert steps["course F1"].iloc[0] == pytest.approx(
-        h.course_f1(y, p > h.COURSE_LOGIT_THRESHOLD_AS_PROB)["f1"])
-    assert steps["course F1"].iloc[1] == pytest.approx(h.course_f1(y, p > 0.5)["f1"])
+        metrics.course_f1(y, p > metrics.COURSE_LOGIT_THRESHOLD_AS_PROB)["f1"])
+    assert steps["course F1"].iloc[1] == pytest.approx(metrics.course_f1(y, p > 0.5)["f1"])
     np.testing.assert_allclose(steps["gain"].iloc[1:], np.diff(steps["course F1"]))
     assert steps["held-out"].iloc[:3].isna().all() and steps["held-out"].iloc[3:].notna().all()
-    with_ens = h.threshold_steps(y, p, p_tta, (p + p_tta) / 2, min_positives=5)
+    with_ens = analysis.threshold_steps(y, p, p_tta, (p + p_tta) / 2, min_positives=5)
     assert with_ens.index[-1] == "+ ensemble" and len(with_ens) == 7
-    no_tta = h.threshold_steps(y, p, None, None, min_positives=5)    # a run without TTA
+    no_tta = analysis.threshold_steps(y, p, None, None, min_positives=5)    # a run without TTA
     assert list(no_tta.index) == list(steps.index[:5])
 
 
 def test_run_artifacts_and_comparison_table_agree_with_compare_models(run_dir):
-    run = h.RunArtifacts(run_dir)
+    run = analysis.RunArtifacts(run_dir)
     assert run.models == ["m_a", "m_b", "ensemble"] and run.chosen() == "ensemble"
     np.testing.assert_allclose(run.probs["ensemble"],
                                (run.val["m_a"]["probs_tta"] + run.val["m_b"]["probs_tta"]) / 2)
     assert run.train_labels() is None                        # no data folder: figures skip it
-    table = h.comparison_table(run)
+    table = analysis.comparison_table(run)
     saved = pd.read_csv(run_dir / "results.csv", index_col="model")
     assert list(table.index) == list(saved.index)
     for mine, theirs in [("F1 raw>0.5", "f1_logit_0.5"), ("F1 @0.5", "f1_0.5"), ("F1 global", "f1_global"),
@@ -191,7 +192,7 @@ def test_run_artifacts_and_comparison_table_agree_with_compare_models(run_dir):
         np.testing.assert_allclose(table[mine], saved[theirs], rtol=1e-9, err_msg=mine)
     # the ensemble runs its members one after the other: 1 / (1/100 + 1/50)
     assert table.loc["ensemble", "images/s"] == pytest.approx(100 / 3)
-    phases = h.phase_summary(run.history)
+    phases = analysis.phase_summary(run.history)
     assert phases.loc[("m_a", "frozen"), "epochs"] == 2 and phases.loc[("m_a", "finetune"), "epochs"] == 1
     with pytest.raises(ValueError, match="not a model"):
         run.chosen("nope")
@@ -199,34 +200,34 @@ def test_run_artifacts_and_comparison_table_agree_with_compare_models(run_dir):
 
 def test_run_artifacts_names_the_missing_step(tmp_path, run_dir):
     with pytest.raises(FileNotFoundError, match="challenge.ipynb"):
-        h.RunArtifacts(tmp_path / "empty")
+        analysis.RunArtifacts(tmp_path / "empty")
     (run_dir / "models" / "m_b" / "val_scores.npz").unlink()
     with pytest.raises(FileNotFoundError, match="m_b"):
-        h.RunArtifacts(run_dir)
+        analysis.RunArtifacts(run_dir)
 
 
 def test_every_figure_draws_and_saves(run_dir):
-    run = h.RunArtifacts(run_dir)
-    table = h.comparison_table(run)
-    reports = {m: h.per_class_table(run.targets, run.probs[m], run.thresholds[m], True) for m in run.models}
+    run = analysis.RunArtifacts(run_dir)
+    table = analysis.comparison_table(run)
+    reports = {m: metrics.per_class_table(run.targets, run.probs[m], run.thresholds[m], True) for m in run.models}
     pred = run.predictions("m_a")
-    sweeps = {m: h.threshold_sweep(run.targets, run.probs[m]) for m in run.models}
-    steps = h.threshold_steps(run.targets, run.val["m_a"]["probs"], run.val["m_a"]["probs_tta"], run.probs["ensemble"])
+    sweeps = {m: analysis.threshold_sweep(run.targets, run.probs[m]) for m in run.models}
+    steps = analysis.threshold_steps(run.targets, run.val["m_a"]["probs"], run.val["m_a"]["probs_tta"], run.probs["ensemble"])
     figs = {
-        "comparison": h.plot_comparison(table, ["F1 global", "mAP"]),
-        "bars": h.plot_per_class_bars(reports["m_a"]),
-        "freq": h.plot_f1_vs_frequency(reports, run.targets.sum(0)),
-        "sweep": h.plot_threshold_sweep(sweeps, run.global_thresholds),
-        "dist": h.plot_threshold_distribution(run.thresholds, run.targets.sum(0), 5, run.global_thresholds),
-        "steps": h.plot_threshold_steps(steps),
-        "pr": h.plot_pr_curves(run.targets, run.probs["m_a"], run.thresholds["m_a"], h.pick_classes(run.targets.sum(0), 2)),
-        "errors": h.plot_error_grid([run.image_path(s) for s in run.stems], run.targets, pred, run.probs["m_a"], [0, 1], 2),
-        "cooc": h.plot_cooccurrence({"truth": h.cooccurrence(run.targets), "pred": h.cooccurrence(pred)}),
-        "counts": h.plot_label_counts(h.label_count_table(run.targets, pred)),
-        "history": h.plot_history(run_dir, run.names, save=False),
+        "comparison": plots.plot_comparison(table, ["F1 global", "mAP"]),
+        "bars": plots.plot_per_class_bars(reports["m_a"]),
+        "freq": plots.plot_f1_vs_frequency(reports, run.targets.sum(0)),
+        "sweep": plots.plot_threshold_sweep(sweeps, run.global_thresholds),
+        "dist": plots.plot_threshold_distribution(run.thresholds, run.targets.sum(0), 5, run.global_thresholds),
+        "steps": plots.plot_threshold_steps(steps),
+        "pr": plots.plot_pr_curves(run.targets, run.probs["m_a"], run.thresholds["m_a"], analysis.pick_classes(run.targets.sum(0), 2)),
+        "errors": plots.plot_error_grid([run.image_path(s) for s in run.stems], run.targets, pred, run.probs["m_a"], [0, 1], 2),
+        "cooc": plots.plot_cooccurrence({"truth": analysis.cooccurrence(run.targets), "pred": analysis.cooccurrence(pred)}),
+        "counts": plots.plot_label_counts(analysis.label_count_table(run.targets, pred)),
+        "history": plots.plot_history(run_dir, run.names, save=False),
     }
     for name, fig in figs.items():
-        path = h.save_figure(fig, run_dir, name)
+        path = plots.save_figure(fig, run_dir, name)
         assert path == run_dir / "figures" / f"{name}.png"
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
         plt.close(fig)

@@ -90,7 +90,7 @@ def test_quick_run_prints_table_then_one_json_line_with_every_figure(tmp_path):
     assert set(t["finetune_library_faster"]) == set(names)
 
 
-def test_course_sampler_replays_the_order_of_train_head_epoch():
+def test_course_sampler_replays_the_order_of_the_feature_batches():
     """The frozen comparison is fair only if both sides see the same batches in the same order."""
     n, seed, epoch = 37, 5, 3
     sampler = benchmark.EpochPermutation(n, seed)
@@ -113,10 +113,12 @@ def test_course_sampler_replays_the_order_of_train_head_epoch():
     feats = torch.arange(n, dtype=torch.float32)[:, None]
     head = Recorder()
     opt = torch.optim.SGD(head.parameters(), lr=0.0)
-    gen.manual_seed(seed * 7919 + epoch)
-    h.train_head_epoch(head, feats, torch.zeros(n, 80), torch.nn.BCEWithLogitsLoss(), opt, "cpu",
-                       batch_size=8, generator=gen)
+    h.train_loop(benchmark.feature_batches(feats, np.zeros((n, 80)), sampler, 8), head,
+                 torch.nn.BCEWithLogitsLoss(), opt, "cpu")
     assert seen == list(sampler)
+    course_seen = [int(x[0]) for batch in torch.utils.data.DataLoader(feats, batch_size=8, sampler=sampler)
+                   for x in batch]
+    assert course_seen == seen
 
 
 def test_projection_uses_the_slower_of_compute_and_loader():

@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 
 import helpers as h
+from cocochallenge import data, demo, metrics, models, training, transforms
 
 
 def _files(root):
@@ -13,21 +14,21 @@ def _files(root):
 
 
 def test_deterministic_from_seed(tmp_path):
-    a = h.make_demo_data(tmp_path / "a", n_train=30, n_test=10, seed=7, progress=False)
-    h.make_demo_data(tmp_path / "b", n_train=30, n_test=10, seed=7, progress=False)
-    h.make_demo_data(tmp_path / "c", n_train=30, n_test=10, seed=8, progress=False)
+    a = demo.make_demo_data(tmp_path / "a", n_train=30, n_test=10, seed=7, progress=False)
+    demo.make_demo_data(tmp_path / "b", n_train=30, n_test=10, seed=7, progress=False)
+    demo.make_demo_data(tmp_path / "c", n_train=30, n_test=10, seed=8, progress=False)
     fa, fb, fc = _files(tmp_path / "a"), _files(tmp_path / "b"), _files(tmp_path / "c")
     assert fa == fb
     assert fa != fc
     assert len([k for k in fa if k.endswith(".cls")]) == 30
     assert sum(a["class_counts"]) == sum(len(t.decode().split()) for k, t in fa.items() if k.endswith(".cls"))
     # a complete set is recognised and not rewritten
-    again = h.make_demo_data(tmp_path / "a", n_train=30, n_test=10, seed=7, progress=False)
+    again = demo.make_demo_data(tmp_path / "a", n_train=30, n_test=10, seed=7, progress=False)
     assert again["class_counts"] == a["class_counts"] and _files(tmp_path / "a") == fa
 
 
 def test_layout_and_shape(demo_root):
-    paths = h.check_data_root(demo_root)
+    paths = data.check_data_root(demo_root)
     train = h.COCOTrainImageDataset(paths["train_images"], paths["train_labels"])
     test = h.COCOTestImageDataset(paths["test_images"])
     answers = json.loads((demo_root / "test_labels.json").read_text())
@@ -45,16 +46,16 @@ def test_layout_and_shape(demo_root):
 
 def test_learnable_by_a_frozen_pretrained_backbone(tmp_path):
     root = tmp_path / "ms-coco"
-    h.make_demo_data(root, n_train=400, n_test=120, seed=1, progress=False)
-    paths = h.data_paths(root)
+    demo.make_demo_data(root, n_train=400, n_test=120, seed=1, progress=False)
+    paths = data.data_paths(root)
     train = h.COCOTrainImageDataset(paths["train_images"], paths["train_labels"])
-    model, pre = h.build_model("efficientnet_lite0", pretrained=True)
-    t = h.build_transform({**pre, "size": 128})
+    model, pre = models.build_model("efficientnet_lite0", pretrained=True)
+    t = transforms.build_transform({**pre, "size": 128})
     feats = {}
     for key, ds in (("train", train.subset(np.arange(len(train)), t)),
                     ("test", h.COCOTestImageDataset(paths["test_images"], t))):
         loader = torch.utils.data.DataLoader(ds, batch_size=64)
-        feats[key] = h.extract_features(model.backbone, loader, torch.device("cpu"), progress=False).float()
+        feats[key] = training.extract_features(model.backbone, loader, torch.device("cpu"), show_progress=False).float()
     answers = json.loads((root / "test_labels.json").read_text())
     y_test = np.zeros((len(answers), 80), np.uint8)
     for i, s in enumerate(sorted(answers)):
@@ -70,7 +71,7 @@ def test_learnable_by_a_frozen_pretrained_backbone(tmp_path):
         opt.step()
     with torch.no_grad():
         probs = torch.sigmoid(head(feats["test"])).numpy()
-    m = h.mean_average_precision(y_test, probs)
+    m = metrics.mean_average_precision(y_test, probs)
     chance = y_test.mean(0)[y_test.any(0)].mean()           # mAP of a score with no information
     print(f"\ndemo learnability: test mAP {m:.3f} vs chance {chance:.3f}")
     assert m > 0.25 and m > 5 * chance

@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import helpers as h
+from cocochallenge import submission
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,11 +20,11 @@ def test_headless_smoke_run_on_real_photos(real_dev, tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert f"submission: {run_dir / 'submission.json'}" in out.stdout
     sub = json.loads((run_dir / "submission.json").read_text())
-    h.validate_submission(sub, real_dev / "ms-coco/images/test-resized")
+    submission.validate_submission(sub, real_dev / "ms-coco/images/test-resized")
     answers = real_dev / "test_labels.json"
-    score = h.score_submission(sub, answers)
+    score = submission.score_submission(sub, answers)
     # the same scorer on a trivial submission (the most frequent class for every image)
-    trivial = h.score_submission({s: [0] for s in sub}, answers)
+    trivial = submission.score_submission({s: [0] for s in sub}, answers)
     print(f"\nsmoke run on real photos: course F1 {score['course_f1']:.4f} "
           f"(P {score['precision']:.4f}, R {score['recall']:.4f}), macro F1 {score['macro_f1']:.4f}; "
           f"'person' everywhere: course F1 {trivial['course_f1']:.4f}")

@@ -8,6 +8,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import helpers as h
+from cocochallenge import losses, metrics
 from course_reference import validation_loop as course_validation_loop
 
 
@@ -70,16 +71,16 @@ def test_class_without_positives_is_finite_where_course_is_nan():
     # the guarded value: classes without positives simply drop out of the weights
     present = (y.sum(0) > 0).numpy()
     logits = torch.cat([b[0] for b in loader]).numpy()
-    sub = h.course_f1(y.numpy()[:, present], (logits > 0.5)[:, present])
+    sub = metrics.course_f1(y.numpy()[:, present], (logits > 0.5)[:, present])
     assert ours["f1"] == pytest.approx(sub["f1"])
 
 
 def test_zero_precision_and_no_positives_at_all():
     y = np.zeros((4, h.NUM_CLASSES), bool)
     y[:, 3] = True
-    out = h.course_f1(y, np.zeros_like(y))
+    out = metrics.course_f1(y, np.zeros_like(y))
     assert out == {"f1": 0.0, "precision": 0.0, "recall": 0.0}
-    empty = h.course_f1(np.zeros_like(y), y)
+    empty = metrics.course_f1(np.zeros_like(y), y)
     assert empty["f1"] == 0.0
 
 
@@ -92,7 +93,7 @@ def test_course_f1_hand_computed():
     p[[0, 1, 2], 0] = True
     y[3, 1] = True
     p[2, 1] = True
-    out = h.course_f1(y, p)
+    out = metrics.course_f1(y, p)
     P, R = (2 / 3) / 3, 1 / 3
     assert out["precision"] == pytest.approx(P)
     assert out["recall"] == pytest.approx(R)
@@ -103,10 +104,10 @@ def test_at_least_one_gives_every_image_its_top_class():
     probs = np.full((3, h.NUM_CLASSES), 0.01)
     probs[0, 7] = 0.3
     probs[1, 2] = 0.9
-    pred = h.apply_thresholds(probs, 0.5, at_least_one=True)
+    pred = metrics.apply_thresholds(probs, 0.5, at_least_one=True)
     assert pred.sum(1).tolist() == [1, 1, 1]
     assert pred[0, 7] and pred[1, 2]
-    assert h.apply_thresholds(probs, 0.5).sum() == 1
+    assert metrics.apply_thresholds(probs, 0.5).sum() == 1
 
 
 def test_per_class_thresholds_beat_global_and_respect_guard():
@@ -116,31 +117,31 @@ def test_per_class_thresholds_beat_global_and_respect_guard():
     # each class is well separated but at its own scale: one global threshold cannot fit all
     scale = np.linspace(0.9, 0.05, h.NUM_CLASSES)
     probs = np.clip(rng.random((n, h.NUM_CLASSES)) * scale * 0.5 + y * scale * 0.5, 0, 1)
-    thr = h.per_class_thresholds(y, probs, min_positives=5)
+    thr = metrics.per_class_thresholds(y, probs, min_positives=5)
     assert thr.shape == (h.NUM_CLASSES,) and ((thr >= 0.02) & (thr <= 0.98)).all()
-    g, g_f1 = h.best_global_threshold(y, probs)
+    g, g_f1 = metrics.best_global_threshold(y, probs)
     few = y.sum(0) < 5
     assert few.any() and np.allclose(thr[few], g)
-    assert h.course_f1(y, probs > thr)["f1"] > g_f1 + 0.05
-    table = h.per_class_table(y, probs, thr)
+    assert metrics.course_f1(y, probs > thr)["f1"] > g_f1 + 0.05
+    table = metrics.per_class_table(y, probs, thr)
     assert len(table) == h.NUM_CLASSES and list(table["threshold"]) == list(thr)
 
 
 def test_evaluate_predictions_keys_and_map():
     rng = np.random.default_rng(1)
     y = rng.random((200, h.NUM_CLASSES)) < 0.1
-    perfect = h.evaluate_predictions(y, y.astype(float))
+    perfect = metrics.evaluate_predictions(y, y.astype(float))
     assert perfect["course_f1"] == pytest.approx(1.0)
     assert perfect["mAP"] == pytest.approx(1.0)
     assert perfect["macro_f1"] == pytest.approx(1.0)
-    noise = h.evaluate_predictions(y, rng.random(y.shape))
+    noise = metrics.evaluate_predictions(y, rng.random(y.shape))
     assert noise["mAP"] < 0.3
 
 
 def test_asymmetric_loss_reduces_to_bce_sum_without_focusing():
     torch.manual_seed(0)
     logits, y = torch.randn(8, h.NUM_CLASSES), (torch.rand(8, h.NUM_CLASSES) < 0.1).float()
-    asl = h.AsymmetricLoss(gamma_neg=0, gamma_pos=0, clip=0)
+    asl = losses.AsymmetricLoss(gamma_neg=0, gamma_pos=0, clip=0)
     bce = nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="sum") / 8
     assert float(asl(logits, y)) == pytest.approx(float(bce), rel=1e-4)
-    assert float(h.AsymmetricLoss()(logits, y)) < float(bce)
+    assert float(losses.AsymmetricLoss()(logits, y)) < float(bce)

@@ -6,43 +6,44 @@ import pytest
 import torch
 
 import helpers as h
+from cocochallenge import data, metrics, models, training, transforms
 
 
-@pytest.mark.parametrize("name", list(h.BACKBONES))
+@pytest.mark.parametrize("name", list(models.BACKBONES))
 def test_registry_builds_80_output_model(name):
-    model, pre = h.build_model(name, pretrained=False, prior=np.full(80, 0.1))
+    model, pre = models.build_model(name, pretrained=False, prior=np.full(80, 0.1))
     model.eval()
     with torch.no_grad():
         out = model(torch.zeros(2, 3, 64, 64))
     assert out.shape == (2, 80)
-    assert model.backbone(torch.zeros(1, 3, 64, 64)).shape == (1, h.BACKBONES[name]["dim"])
-    assert pre["size"] == 224 and len(pre["mean"]) == 3
+    assert model.backbone(torch.zeros(1, 3, 64, 64)).shape == (1, models.BACKBONES[name]["dim"])
+    assert pre["size"] == models.BACKBONES[name]["size"] and len(pre["mean"]) == 3
     assert torch.allclose(model.head[-1].bias, torch.full((80,), float(np.log(0.1 / 0.9))))
 
 
 def test_lite0_uses_its_own_normalisation():
-    _, pre = h.build_model("efficientnet_lite0", pretrained=False)
+    _, pre = models.build_model("efficientnet_lite0", pretrained=False)
     assert pre["mean"] == (0.5, 0.5, 0.5) and pre["std"] == (0.5, 0.5, 0.5)
-    _, pre = h.build_model("resnet50", pretrained=False)
-    assert pre["mean"] == h.IMAGENET_MEAN
+    _, pre = models.build_model("resnet50", pretrained=False)
+    assert pre["mean"] == models.IMAGENET_MEAN
 
 
 def test_freeze_unfreeze_and_param_groups():
-    model, _ = h.build_model("mobilenet_v3_large", pretrained=False)
-    h.freeze_backbone(model)
+    model, _ = models.build_model("mobilenet_v3_large", pretrained=False)
+    models.freeze_backbone(model)
     model.train()
     assert not model.backbone.training and model.head.training
     assert not any(p.requires_grad for p in model.backbone.parameters())
-    groups = h.param_groups(model, lr=1e-3)
+    groups = models.param_groups(model, lr=1e-3)
     assert all(g["lr"] == 1e-3 for g in groups)            # only the head is trainable
-    h.unfreeze_backbone(model)
+    models.unfreeze_backbone(model)
     model.train()
     assert model.backbone.training
-    groups = h.param_groups(model, lr=1e-3, backbone_lr_factor=0.1, weight_decay=0.05)
+    groups = models.param_groups(model, lr=1e-3, backbone_lr_factor=0.1, weight_decay=0.05)
     lrs = sorted({g["lr"] for g in groups})
     assert lrs == pytest.approx([1e-4, 1e-3])
     n = sum(p.numel() for g in groups for p in g["params"])
-    assert n == h.count_parameters(model)
+    assert n == models.count_parameters(model)
     assert all(g["weight_decay"] == 0 for g in groups if all(p.ndim <= 1 for p in g["params"]))
 
 
@@ -53,25 +54,25 @@ def test_missing_torchvision_weights_say_what_to_do(monkeypatch, tmp_path):
         raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
     monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", offline)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    with pytest.raises(h.WeightsUnavailable) as err:
-        h.build_model("mobilenet_v3_large", pretrained=True)
+    with pytest.raises(models.WeightsUnavailable) as err:
+        models.build_model("mobilenet_v3_large", pretrained=True)
     msg = str(err.value)
     assert "efficientnet_lite0" in msg and str(tmp_path) in msg and "never used silently" in msg
 
 
 def test_lite0_weights_load_strictly():
-    model, _ = h.build_model("efficientnet_lite0", pretrained=True)
-    src = torch.load(h.lite0_weights_path(), map_location="cpu", weights_only=True)
-    mapped = h.map_lite0_state_dict(src, model.backbone)
+    model, _ = models.build_model("efficientnet_lite0", pretrained=True)
+    src = torch.load(models.lite0_weights_path(), map_location="cpu", weights_only=True)
+    mapped = models.map_lite0_state_dict(src, model.backbone)
     assert set(mapped) == set(model.backbone.state_dict())
     assert torch.equal(model.backbone.conv_stem.weight, src["_conv_stem.weight"])
     assert torch.equal(model.backbone.blocks[6][0].conv_pwl.weight, src["_blocks.15._project_conv.weight"])
 
 
 def _features(model, pre, ds):
-    t = h.build_transform(pre, train=False)
+    t = transforms.build_transform(pre, train=False)
     loader = torch.utils.data.DataLoader(ds.subset(np.arange(len(ds)), t), batch_size=32)
-    return h.extract_features(model.backbone, loader, torch.device("cpu"), progress=False).float()
+    return training.extract_features(model.backbone, loader, torch.device("cpu"), show_progress=False).float()
 
 
 def _linear_probe_map(model, pre, train_ds, test_ds, test_y):
@@ -89,7 +90,7 @@ def _linear_probe_map(model, pre, train_ds, test_ds, test_y):
         opt.step()
     with torch.no_grad():
         probs = torch.sigmoid(head(xte)).numpy()
-    return h.mean_average_precision(test_y, probs)
+    return metrics.mean_average_precision(test_y, probs)
 
 
 class _Labelled(h.COCOTrainImageDataset):
@@ -107,12 +108,12 @@ class _Labelled(h.COCOTrainImageDataset):
 
 def test_lite0_mapping_on_real_photos(real_dev):
     """Pretrained frozen Lite0 + linear head beats the same probe on a random Lite0 by far."""
-    p = h.data_paths(real_dev / "ms-coco")
+    p = data.data_paths(real_dev / "ms-coco")
     train = h.COCOTrainImageDataset(p["train_images"], p["train_labels"])
     test = _Labelled(p["test_images"], json.loads((real_dev / "test_labels.json").read_text()))
     torch.manual_seed(0)
-    pre_model, pre = h.build_model("efficientnet_lite0", pretrained=True)
-    rnd_model, _ = h.build_model("efficientnet_lite0", pretrained=False)
+    pre_model, pre = models.build_model("efficientnet_lite0", pretrained=True)
+    rnd_model, _ = models.build_model("efficientnet_lite0", pretrained=False)
     m_pre = _linear_probe_map(pre_model, pre, train, test, test.labels)
     m_rnd = _linear_probe_map(rnd_model, pre, train, test, test.labels)
     print(f"\nLite0 linear probe on real photos: mAP pretrained {m_pre:.3f}, random init {m_rnd:.3f}")

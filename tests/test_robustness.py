@@ -1,5 +1,6 @@
 """Faulty inputs, interrupted runs and safe outputs: each case built in a temporary folder."""
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -13,6 +14,9 @@ import torch
 from PIL import Image
 
 import helpers as h
+from cocochallenge import data as cdata
+from cocochallenge import demo, files, runs, submission, transforms
+from conftest import load_run_data
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,8 +35,8 @@ def _first(root, folder="images/train-resized", suffix=".jpg"):
 
 # ---- bad data roots ---------------------------------------------------------------------
 def test_missing_root_shows_layout_and_course_path(tmp_path):
-    with pytest.raises(h.DataError) as err:
-        h.RunData(tmp_path / "nowhere", tmp_path / "split.json")
+    with pytest.raises(cdata.DataError) as err:
+        load_run_data(tmp_path / "nowhere", tmp_path / "split.json")
     assert "does not exist" in str(err.value) and "/home/jovyan/ms-coco" in str(err.value)
     assert "images/train-resized" in str(err.value)
 
@@ -40,16 +44,16 @@ def test_missing_root_shows_layout_and_course_path(tmp_path):
 @pytest.mark.parametrize("sub", ["images/train-resized", "labels/train", "images/test-resized"])
 def test_missing_or_empty_subfolder(data, sub):
     shutil.rmtree(data / sub)
-    with pytest.raises(h.DataError, match="is missing"):
-        h.scan_data(data)
+    with pytest.raises(cdata.DataError, match="is missing"):
+        cdata.scan_data(data)
     (data / sub).mkdir()
-    with pytest.raises(h.DataError, match="is empty"):
-        h.scan_data(data)
+    with pytest.raises(cdata.DataError, match="is empty"):
+        cdata.scan_data(data)
 
 
 def test_given_root_is_never_replaced_by_demo_data(tmp_path):
-    with pytest.raises(h.DataError):
-        h.resolve_data_root(tmp_path / "typo", tmp_path / "demo")
+    with pytest.raises(cdata.DataError):
+        cdata.resolve_data_root(tmp_path / "typo", tmp_path / "demo")
     assert not (tmp_path / "demo").exists()
 
 
@@ -67,7 +71,7 @@ def test_unreadable_training_image_is_skipped_with_report(data, tmp_path, damage
     bad = _first(data)
     damage(bad)
     lines = []
-    run = h.RunData(data, tmp_path / "split.json", 0.2, log=lines.append)
+    run = load_run_data(data, tmp_path / "split.json", 0.2, log=lines.append)
     assert bad.stem in run.scan["skip"] and bad.stem not in run.train.stems
     assert any(str(bad) in line and reason in line for line in lines)
     assert len(run.train) == len(run.train.labels) == len(run.train_idx) + len(run.val_idx)
@@ -78,15 +82,15 @@ def test_unreadable_training_image_is_skipped_with_report(data, tmp_path, damage
 def test_many_unreadable_images_stop_the_run(data):
     for p in sorted((data / "images/train-resized").glob("*.jpg"))[:20]:
         p.write_bytes(b"")
-    with pytest.raises(h.DataError, match="looks incomplete"):
-        h.scan_data(data)
+    with pytest.raises(cdata.DataError, match="looks incomplete"):
+        cdata.scan_data(data)
 
 
 def test_png_named_jpg_is_used_with_a_note(data, tmp_path):
     p = _first(data)
     Image.open(p).convert("RGB").save(p, format="PNG")
     lines = []
-    run = h.RunData(data, tmp_path / "split.json", 0.2, log=lines.append)
+    run = load_run_data(data, tmp_path / "split.json", 0.2, log=lines.append)
     assert p.stem in run.train.stems and any("not a JPEG despite its name (PNG" in l for l in lines)
     assert run.train[run.train.stems.index(p.stem)][0].mode == "RGB"
 
@@ -103,9 +107,9 @@ def test_unusual_colour_modes_simply_work(data, mode):
         img = img.convert(mode)
     fmt = "PNG" if mode in ("P", "RGBA", "I;16") else "JPEG"
     img.save(p, format=fmt)
-    assert h.scan_data(data)["skip"] == set()
+    assert cdata.scan_data(data)["skip"] == set()
     ds = h.COCOTrainImageDataset(data / "images/train-resized", data / "labels/train")
-    t = h.build_transform({"size": 64, "mean": (0.5,) * 3, "std": (0.5,) * 3})
+    t = transforms.build_transform({"size": 64, "mean": (0.5,) * 3, "std": (0.5,) * 3})
     x = t(ds[ds.stems.index(p.stem)][0])
     assert x.shape == (3, 64, 64)
 
@@ -113,8 +117,8 @@ def test_unusual_colour_modes_simply_work(data, mode):
 def test_image_failing_at_load_time_names_the_file(tmp_path):
     p = tmp_path / "000000000001.jpg"
     p.write_bytes(b"\xff\xd8garbage")
-    with pytest.raises(h.DataError, match="000000000001.jpg"):
-        h.load_rgb(p)
+    with pytest.raises(cdata.DataError, match="000000000001.jpg"):
+        cdata.load_rgb(p)
 
 
 # ---- label files ----------------------------------------------------------------------
@@ -122,7 +126,7 @@ def test_duplicate_blank_and_crlf_labels_work(data, tmp_path):
     f = _first(data, "labels/train", ".cls")
     f.write_bytes(b"3\r\n\r\n3\r\n17\r\n")
     lines = []
-    run = h.RunData(data, tmp_path / "split.json", 0.2, log=lines.append)
+    run = load_run_data(data, tmp_path / "split.json", 0.2, log=lines.append)
     row = run.train.labels[run.train.stems.index(f.stem)]
     assert np.flatnonzero(row).tolist() == [3, 17]
     assert any(f.name in l and "repeated" in l for l in lines)
@@ -131,8 +135,8 @@ def test_duplicate_blank_and_crlf_labels_work(data, tmp_path):
 def test_bad_label_stops_before_training(data, tmp_path):
     f = _first(data, "labels/train", ".cls")
     f.write_text("4\nperson\n")
-    with pytest.raises(h.DataError, match=rf"{f.name}, line 2"):
-        h.RunData(data, tmp_path / "split.json")
+    with pytest.raises(cdata.DataError, match=rf"{f.name}, line 2"):
+        load_run_data(data, tmp_path / "split.json")
 
 
 def test_image_without_label_and_label_without_image(data, tmp_path):
@@ -141,7 +145,7 @@ def test_image_without_label_and_label_without_image(data, tmp_path):
     orphan = sorted((data / "labels/train").glob("*.cls"))[-1]
     (data / "images/train-resized" / f"{orphan.stem}.jpg").unlink()
     lines = []
-    run = h.RunData(data, tmp_path / "split.json", 0.2, log=lines.append)
+    run = load_run_data(data, tmp_path / "split.json", 0.2, log=lines.append)
     assert img.stem not in run.train.stems and orphan.stem not in run.train.stems
     assert any("no label file" in l and img.stem in l for l in lines)
     assert any(orphan.name in l and "is missing" in l for l in lines)
@@ -151,33 +155,33 @@ def test_image_without_label_and_label_without_image(data, tmp_path):
 def test_test_names_must_be_leaderboard_ids(data):
     p = _first(data, "images/test-resized")
     p.rename(p.with_name("IMG_0001.jpg"))
-    with pytest.raises(h.DataError, match="12-digit"):
-        h.scan_data(data)
+    with pytest.raises(cdata.DataError, match="12-digit"):
+        cdata.scan_data(data)
 
 
 def test_test_images_overlapping_training_stop(data):
     p = _first(data)
     shutil.copy(p, data / "images/test-resized" / p.name)
-    with pytest.raises(h.DataError, match="also appear in the training data"):
-        h.scan_data(data)
+    with pytest.raises(cdata.DataError, match="also appear in the training data"):
+        cdata.scan_data(data)
 
 
 def test_unreadable_test_image_stops(data):
     _truncate(_first(data, "images/test-resized"))
-    with pytest.raises(h.DataError, match="unreadable test images"):
-        h.scan_data(data)
+    with pytest.raises(cdata.DataError, match="unreadable test images"):
+        cdata.scan_data(data)
 
 
 def test_scan_is_fast_on_many_files(tmp_path):
     """A header/tail look per file, not a decode: 5,000 files well under a few seconds."""
     root = tmp_path / "ms-coco"
-    h.make_demo_data(root, n_train=50, n_test=5, seed=0, progress=False)
+    demo.make_demo_data(root, n_train=50, n_test=5, seed=0, progress=False)
     src = _first(root).read_bytes()
     for i in range(5000):
         (root / "images/train-resized" / f"{900000000000 + i}.jpg").write_bytes(src)
         (root / "labels/train" / f"{900000000000 + i}.cls").write_text("1\n")
     t0 = time.perf_counter()
-    assert h.scan_data(root)["skip"] == set()
+    assert cdata.scan_data(root)["skip"] == set()
     assert time.perf_counter() - t0 < 10
 
 
@@ -186,73 +190,86 @@ def test_disk_full_while_writing_keeps_old_submission(tmp_path, monkeypatch):
     d = tmp_path / "test"
     d.mkdir()
     Image.new("RGB", (4, 4)).save(d / "000000000001.jpg")
-    path = h.write_submission({"000000000001": [1]}, tmp_path / "sub.json", d)
+    path = submission.write_submission({"000000000001": [1]}, tmp_path / "sub.json", d)
     before = path.read_bytes()
 
     def full(self, *a, **k):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(Path, "write_text", full)
     with pytest.raises(OSError, match="No space"):
-        h.write_submission({"000000000001": [2]}, path, d)
+        submission.write_submission({"000000000001": [2]}, path, d)
     monkeypatch.undo()
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
 def test_checkpoint_write_failure_keeps_previous(tmp_path, monkeypatch):
-    path = h.torch_save_atomic({"epoch": 1}, tmp_path / "last.pt")
+    path = files.torch_save_atomic({"epoch": 1}, tmp_path / "last.pt")
 
     def boom(obj, f, *a, **k):
         Path(f).write_bytes(b"partial")
         raise RuntimeError("killed")
     monkeypatch.setattr(torch, "save", boom)
     with pytest.raises(RuntimeError):
-        h.torch_save_atomic({"epoch": 2}, path)
+        files.torch_save_atomic({"epoch": 2}, path)
     monkeypatch.undo()
     assert torch.load(path)["epoch"] == 1 and len(list(tmp_path.iterdir())) == 1
 
 
 def test_run_folder_records_config_versions_and_split(tmp_path, demo_root):
     cfg = {"run_dir": str(tmp_path / "run"), "seed": 3}
-    run_dir = h.prepare_run_dir(cfg)
+    run_dir = runs.prepare_run_dir(cfg)
     env = json.loads((run_dir / "environment.json").read_text())
-    assert env["packages"]["torch"] == torch.__version__.split("+")[0] or env["packages"]["torch"]
-    assert env["library_version"] == h.__version__ and "git_commit" in env
+    assert env["packages"]["torch"] == torch.__version__ or torch.__version__.startswith(env["packages"]["torch"] + "+")
+    import cocochallenge
+    assert env["library_version"] == cocochallenge.__version__ and env["git_commit"]
     assert json.loads((run_dir / "config.json").read_text()) == cfg
-    data = h.RunData(demo_root, run_dir / "split.json", 0.2)
+    run = load_run_data(demo_root, run_dir / "split.json", 0.2)
     split = json.loads((run_dir / "split.json").read_text())
-    assert sorted(split["train"] + split["val"]) == sorted(data.train.stems)
+    assert sorted(split["train"] + split["val"]) == sorted(run.train.stems)
 
 
 # ---- kill and resume ------------------------------------------------------------------
+#: Runs the challenge notebook's own code cells, up to its loop over backbones, in a process
+#: that can be killed (the TensorBoard cell and IPython magics are left out).
 DRIVER = r'''
-import sys, torch
-sys.path.insert(0, sys.argv[3])
-import helpers as h
-root, run_dir = sys.argv[1], sys.argv[2]
+import json, os, sys
+import matplotlib
+matplotlib.use("Agg")
+os.chdir(sys.argv[1])
+sys.path.insert(0, sys.argv[1])
+import torch
 torch.set_num_threads(1)
-cfg = dict(seed=0, head="mlp", dropout=0.2, img_size=64, channels_last=True, amp=True, pad=True,
-           augment="trivial", batch_size=16, workers=0, loss="bce", progress=False, lr_head=1e-3,
-           weight_decay=1e-4, epochs_frozen=3, epochs_finetune=4, lr_finetune=1e-3,
-           backbone_lr_factor=0.1, compile=False, tta=True)
-data = h.RunData(root, run_dir + "/split.json", 0.25, 0)
-h.train_backbone("efficientnet_lite0", data, cfg, torch.device("cpu"), run_dir)
+cells = [c for c in json.load(open("challenge.ipynb"))["cells"] if c["cell_type"] == "code"]
+namespace = {"__name__": "__main__"}
+for cell in cells:
+    src = "".join(cell["source"])
+    if "NBVAL_SKIP" in src or src.lstrip().startswith("%"):
+        continue
+    exec(compile(src, "challenge.ipynb", "exec"), namespace)
+    if "runs.save_model_scores" in src:
+        break
 print("FINISHED")
 '''
+
+NOTEBOOK_ENV = {"COCO_BACKBONES": "efficientnet_lite0", "COCO_IMG_SIZE": "64", "COCO_BATCH_SIZE": "16",
+                "COCO_WORKERS": "0", "COCO_EPOCHS_FROZEN": "3", "COCO_EPOCHS_FINETUNE": "4",
+                "COCO_LR_FINETUNE": "1e-3", "COCO_VAL_FRACTION": "0.25", "COCO_PROGRESS": "0", "COCO_SMOKE": "0"}
 
 
 def _driver(tmp_path, demo_root, run_dir):
     script = tmp_path / "driver.py"
     script.write_text(DRIVER)
-    return [sys.executable, str(script), str(demo_root), str(run_dir), str(ROOT)]
+    env = {**os.environ, **NOTEBOOK_ENV, "COCO_DATA_ROOT": str(demo_root), "COCO_RUN_DIR": str(run_dir)}
+    return dict(args=[sys.executable, str(script), str(ROOT)], env=env)
 
 
 def test_killed_run_resumes_to_the_same_result(tmp_path, demo_root):
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "killed"
-    out = subprocess.run(_driver(tmp_path, demo_root, ref_dir), capture_output=True, text=True, timeout=600)
+    out = subprocess.run(**_driver(tmp_path, demo_root, ref_dir), capture_output=True, text=True, timeout=600)
     assert "FINISHED" in out.stdout, out.stderr[-2000:]
 
-    proc = subprocess.Popen(_driver(tmp_path, demo_root, run_dir), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(**_driver(tmp_path, demo_root, run_dir), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     ckpt = run_dir / "models/efficientnet_lite0/finetune_last.pt"
     deadline = time.time() + 300
@@ -264,7 +281,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, demo_root):
     assert not (run_dir / "models/efficientnet_lite0/result.json").exists()
     assert torch.load(ckpt, weights_only=False)["epoch"] < 3   # not finished when killed
 
-    out = subprocess.run(_driver(tmp_path, demo_root, run_dir), capture_output=True, text=True, timeout=600)
+    out = subprocess.run(**_driver(tmp_path, demo_root, run_dir), capture_output=True, text=True, timeout=600)
     assert "FINISHED" in out.stdout, out.stderr[-2000:]
     assert "resuming after epoch" in out.stdout
     a = np.load(ref_dir / "models/efficientnet_lite0/val_scores.npz")
@@ -274,5 +291,30 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, demo_root):
     hb = json.loads((run_dir / "models/efficientnet_lite0/history.json").read_text())
     assert [r["val_loss"] for r in ha] == pytest.approx([r["val_loss"] for r in hb], abs=1e-5)
     # a finished backbone is not trained again
-    out = subprocess.run(_driver(tmp_path, demo_root, run_dir), capture_output=True, text=True, timeout=600)
-    assert "already trained" in out.stdout
+    out = subprocess.run(**_driver(tmp_path, demo_root, run_dir), capture_output=True, text=True, timeout=600)
+    assert "trained with these settings, reused" in out.stdout
+
+
+def test_notebook_stops_before_training_on_changed_settings(tmp_path, demo_root):
+    """The notebook's own cells: a changed training setting stops the run with the list of
+    differences and leaves config.json as it was; a changed after-training setting reuses."""
+    run_dir = tmp_path / "run"
+    quick = {"COCO_EPOCHS_FROZEN": "1", "COCO_EPOCHS_FINETUNE": "0"}
+
+    def run(**env):
+        d = _driver(tmp_path, demo_root, run_dir)
+        d["env"].update(quick, **env)
+        return subprocess.run(**d, capture_output=True, text=True, timeout=600)
+
+    out = run()
+    assert "FINISHED" in out.stdout, out.stderr[-2000:]
+    config_before = (run_dir / "config.json").read_text()
+    out = run(COCO_LR_HEAD="0.01")
+    assert "FINISHED" not in out.stdout and "StaleRunError" in out.stderr
+    assert "lr_head: 0.001 -> 0.01" in out.stderr and "RETRAIN" in out.stderr
+    assert (run_dir / "config.json").read_text() == config_before
+    out = run(COCO_TTA="0", COCO_MIN_POSITIVES="3")
+    assert "trained with these settings, reused" in out.stdout, out.stderr[-2000:]
+    assert json.loads((run_dir / "config.json").read_text())["tta"] is False
+    out = run(COCO_LR_HEAD="0.01", COCO_RETRAIN="efficientnet_lite0")
+    assert "FINISHED" in out.stdout and "moved aside" in out.stdout, out.stderr[-2000:]

@@ -1,0 +1,340 @@
+"""Analysis tables: what the challenge notebook saved, read back and turned into numbers.
+
+The analysis notebook trains nothing and reads only the run folder. Everything here turns
+the saved validation scores into tables with the metric code of :mod:`cocochallenge.metrics`
+(never a second copy of it), so every number in the analysis is one the challenge notebook
+could have chosen its thresholds and its submission with. The figures are in
+:mod:`cocochallenge.plots`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .data import data_paths, read_label_matrix
+from .files import load_json
+from .metrics import (COURSE_LOGIT_THRESHOLD_AS_PROB, THRESHOLD_GRID, _counts, apply_thresholds, course_scores, evaluate_predictions, tune_thresholds)
+from .runs import load_scores
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+#: How the best value of a table column is shown (bold on green: readable in print too).
+BEST_CELL_STYLE = "font-weight: bold; background-color: #c6efce"
+
+
+class RunArtifacts:
+    """What the challenge notebook saved in a run folder, read once and checked.
+
+    The analysis needs, per model, the validation probabilities (plain and flip-TTA), the
+    targets, the history and ``result.json``, plus the run's config, summary, split and the
+    thresholds of the submission. ``probs`` holds the scores the run really thresholds
+    (``probs_tta`` when the run used TTA) and, with two or more models, the ensemble's mean,
+    exactly as :func:`compare_models` builds it. A missing file is reported with what writes
+    it: the usual cause is a run folder whose challenge notebook has not finished.
+    """
+
+    def __init__(self, run_dir: Path | str):
+        self.run_dir = Path(run_dir).expanduser()
+        hint = f"run challenge.ipynb to the end with RUN_DIR={self.run_dir} first"
+        missing = [n for n in ("config.json", "summary.json", "split.json", "thresholds.json")
+                   if not (self.run_dir / n).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{self.run_dir}: {', '.join(missing)} not found: {hint}")
+        self.config = load_json(self.run_dir / "config.json")
+        self.summary = load_json(self.run_dir / "summary.json")
+        self.split = load_json(self.run_dir / "split.json")
+        self.saved_thresholds = load_json(self.run_dir / "thresholds.json")
+        self.names = list(self.config["backbones"])
+        self.tta = bool(self.config.get("tta", True))
+        self.at_least_one = bool(self.config.get("at_least_one", True))
+        self.min_positives = int(self.config.get("min_positives", 5))
+        self.val, self.results, self.history = {}, {}, {}
+        for name in self.names:
+            folder = self.run_dir / "models" / name
+            for f in ("val_scores.npz", "result.json", "history.json"):
+                if not (folder / f).is_file():
+                    raise FileNotFoundError(f"{folder / f} not found (model {name} unfinished): {hint}")
+            self.val[name] = load_scores(self.run_dir, name, "val")
+            self.results[name] = load_json(folder / "result.json")
+            self.history[name] = load_json(folder / "history.json")
+        first = self.val[self.names[0]]
+        self.targets = np.asarray(first["targets"]).astype(np.uint8)
+        self.stems = [str(s) for s in first["stems"]]
+        for name in self.names[1:]:
+            if [str(s) for s in self.val[name]["stems"]] != self.stems:
+                raise ValueError(f"{name}'s validation images differ from {self.names[0]}'s: "
+                                 "the models of one run must share its split")
+        key = "probs_tta" if self.tta else "probs"
+        self.probs = {n: self.val[n][key] for n in self.names}
+        if len(self.names) > 1:
+            self.probs["ensemble"] = np.mean([self.probs[n] for n in self.names], axis=0)
+        self.models = list(self.probs)
+        absent = [m for m in self.models if m not in self.saved_thresholds]
+        if absent:
+            raise ValueError(f"thresholds.json has no entry for {absent}: {hint}")
+        self.thresholds = {m: np.asarray(self.saved_thresholds[m]["per_class"], dtype=float)
+                           for m in self.models}
+        self.global_thresholds = {m: float(self.saved_thresholds[m]["global"]) for m in self.models}
+        self.data_root = Path(self.summary.get("data_root") or self.config.get("data_root") or ".")
+
+    def chosen(self, name: str = "") -> str:
+        """``name`` if given (checked), else the model the challenge notebook submitted."""
+        name = name or self.summary.get("chosen") or self.models[-1]
+        if name not in self.models:
+            raise ValueError(f"{name!r} is not a model of this run: {self.models}")
+        return name
+
+    def predictions(self, name: str) -> np.ndarray:
+        """The binary validation predictions of ``name`` as the submission makes them."""
+        return apply_thresholds(self.probs[name], self.thresholds[name], self.at_least_one)
+
+    def image_path(self, stem: str) -> Path:
+        return data_paths(self.data_root)["train_images"] / f"{stem}.jpg"
+
+    def train_labels(self) -> np.ndarray | None:
+        """Labels of the run's training images (its split), or None when the data is not here.
+
+        Read from the label files, because the run folder stores only the validation
+        targets; the analysis can then run on a machine without the course data, with the
+        figures that need it left out.
+        """
+        folder = data_paths(self.data_root)["train_labels"]
+        names = [f"{s}.cls" for s in self.split["train"]]
+        if not folder.is_dir() or not names or not (folder / names[0]).is_file():
+            return None
+        return read_label_matrix(folder, names)
+
+
+def comparison_table(run: RunArtifacts) -> "pd.DataFrame":
+    """One row per model (and the ensemble): course F1 at each thresholding step, standard
+    metrics and the costs a team weighs them against.
+
+    Recomputed from the saved validation scores with :func:`tune_thresholds`, the function
+    :func:`compare_models` uses, so the numbers are those of the run's ``results.csv``.
+    Columns: course F1 of raw outputs > 0.5 (the course's recipe), of probabilities > 0.5,
+    at the best global threshold, at per-class thresholds (tuned and scored on the same
+    images: optimistic) and held out (tuned on one half, scored on the other); macro and
+    micro F1 and mAP at the submission's thresholds; parameters, training time and inference
+    speed (validation images per second, with flip TTA when the run used it). The ensemble costs the sum
+    of its members and runs them one after the other.
+    """
+    import pandas as pd
+    rows = []
+    for m in run.models:
+        t = tune_thresholds(run.targets, run.probs[m], run.min_positives, run.at_least_one)
+        members = run.names if m == "ensemble" else [m]
+        res = [run.results[n] for n in members]
+        speed = [r.get("val_images_per_second") or np.nan for r in res]
+        rows.append({
+            "model": m, "F1 raw>0.5": t["f1_logit_0.5"], "F1 @0.5": t["f1_0.5"],
+            "threshold": t["global_threshold"], "F1 global": t["f1_global"],
+            "F1 per-class": t["f1_per_class"], "F1 held-out": t["f1_per_class_heldout"],
+            "macro F1": t["macro_f1"], "micro F1": t["micro_f1"], "mAP": t["mAP"],
+            "params (M)": sum(r["parameters"] for r in res) / 1e6,
+            "train (min)": sum(r["train_seconds"] for r in res) / 60,
+            "images/s": 1.0 / sum(1.0 / s for s in speed),
+        })
+    return pd.DataFrame(rows).set_index("model")
+
+
+def best_mask(table: "pd.DataFrame", lower=(), skip=()) -> "pd.DataFrame":
+    """True where a cell holds its column's best value (highest; lowest for ``lower``).
+
+    Columns in ``skip`` (settings such as a threshold, not scores) are never marked.
+    NaN is never best; ties are all marked.
+    """
+    import pandas as pd
+    out = pd.DataFrame(False, index=table.index, columns=table.columns)
+    for col in table.columns:
+        if col in skip or not pd.api.types.is_numeric_dtype(table[col]):
+            continue
+        values = table[col].astype(float)
+        if values.isna().all():
+            continue
+        best = values.min() if col in lower else values.max()
+        out[col] = np.isclose(values, best, rtol=0, atol=1e-12) & values.notna()
+    return out
+
+
+def highlight_best(table: "pd.DataFrame", lower=(), skip=(), precision: int = 4):
+    """The table as a pandas ``Styler`` with the best value of each column in bold on green.
+
+    A comparison table is read column by column ("which model is fastest?"); marking each
+    column's winner answers that without scanning the digits.
+    """
+    mask = best_mask(table, lower, skip)
+    return (table.style.format(precision=precision)
+            .apply(lambda _: np.where(mask, BEST_CELL_STYLE, ""), axis=None))
+
+
+def phase_summary(history: dict) -> "pd.DataFrame":
+    """Per model and phase: epochs, seconds per epoch, best validation mAP and course F1 at
+    0.5, last losses; from the saved histories (``{model: [epoch rows]}``).
+
+    It says in numbers what the training curves show: whether fine-tuning beat the frozen
+    backbone, at what cost per epoch, and whether validation loss rose while training loss
+    fell (over-fitting).
+    """
+    import pandas as pd
+    rows = []
+    for name, hist in history.items():
+        for phase in ("frozen", "finetune"):
+            rs = [r for r in hist if r.get("phase") == phase]
+            if not rs:
+                continue
+            rows.append({"model": name, "phase": phase, "epochs": len(rs),
+                         "s/epoch": float(np.mean([r.get("seconds", np.nan) for r in rs])),
+                         "best val mAP": max(r.get("val_mAP", np.nan) for r in rs),
+                         "best val F1@0.5": max(r.get("val_f1", np.nan) for r in rs),
+                         "last train loss": rs[-1].get("train_loss", np.nan),
+                         "last val loss": rs[-1].get("val_loss", np.nan)})
+    return pd.DataFrame(rows).set_index(["model", "phase"])
+
+
+def best_and_worst(report: "pd.DataFrame", n: int = 10) -> tuple:
+    """``(best, worst)``: the ``n`` classes with the highest and the lowest F1.
+
+    Only classes with validation positives are ranked (F1 says nothing about a class that
+    is absent); among equal F1 the better-supported class comes first, since its number is
+    the more certain one.
+    """
+    r = report[report["support"] > 0]
+    best = r.sort_values(["f1", "support"], ascending=[False, False], kind="stable").head(n)
+    worst = r.sort_values(["f1", "support"], ascending=[True, False], kind="stable").head(n)
+    return best, worst
+
+
+def threshold_sweep(targets: np.ndarray, probs: np.ndarray, grid=THRESHOLD_GRID) -> "pd.DataFrame":
+    """Course F1, macro F1 and labels per image for one global threshold at each grid value.
+
+    Course F1 comes from :func:`course_scores`; macro F1 from the same counts over the
+    classes with positives, as :func:`evaluate_predictions` defines it (a test checks they
+    agree). Counting once per threshold, instead of calling :func:`evaluate_predictions`
+    (which also computes mAP), keeps a 97-point sweep of 6,500 images under a second.
+    """
+    import pandas as pd
+    y = np.asarray(targets).astype(bool)
+    probs = np.asarray(probs)
+    has = y.any(0)
+    rows = []
+    for t in grid:
+        pred = probs > t
+        tp, fp, pos = _counts(y, pred)
+        denom = 2 * tp + fp + (pos - tp)
+        f1_c = np.where(denom > 0, 2 * tp / np.where(denom > 0, denom, 1), 0.0)
+        rows.append({"threshold": float(t), "course_f1": course_scores(tp, fp, pos)["f1"],
+                     "macro_f1": float(f1_c[has].mean()) if has.any() else 0.0,
+                     "labels_per_image": float(pred.sum(1).mean()) if len(pred) else 0.0})
+    return pd.DataFrame(rows)
+
+
+def threshold_steps(targets: np.ndarray, probs: np.ndarray, probs_tta: np.ndarray | None,
+                    ensemble: np.ndarray | None = None, min_positives: int = 5,
+                    seed: int = 0) -> "pd.DataFrame":
+    """What each step from the course's recipe to the submission adds, on validation.
+
+    Steps, each on top of the previous: the course recipe (raw outputs > 0.5), the sigmoid
+    (probability > 0.5), the best global threshold, per-class thresholds, the top-1
+    guarantee, flip TTA (``probs_tta``, thresholds tuned again; left out when None, e.g. a
+    run without TTA, which saves no ``probs_tta``) and the ensemble (mean
+    of the models' probabilities; left out when ``ensemble`` is None). Course F1, its precision
+    and recall, macro F1 and labels per image from :func:`evaluate_predictions`; for the
+    tuned steps also the held-out course F1 of :func:`tune_thresholds` (the honest one), and
+    the gain of each step over the previous one.
+    """
+    import pandas as pd
+    y = np.asarray(targets).astype(bool)
+    rows = []
+
+    def add(step, p, thr, at_least_one, heldout=np.nan):
+        m = evaluate_predictions(y, p, thr, at_least_one)
+        rows.append({"step": step, "course F1": m["course_f1"], "held-out": heldout,
+                     "precision": m["precision"], "recall": m["recall"], "macro F1": m["macro_f1"],
+                     "labels/image": m["labels_per_image"]})
+
+    plain = tune_thresholds(y, probs, min_positives, at_least_one=False, seed=seed)
+    top1 = tune_thresholds(y, probs, min_positives, at_least_one=True, seed=seed)
+    add("course recipe: raw output > 0.5", probs, COURSE_LOGIT_THRESHOLD_AS_PROB, False)
+    add("sigmoid: probability > 0.5", probs, 0.5, False)
+    add(f"best global threshold ({plain['global_threshold']:.2f})", probs, plain["global_threshold"], False)
+    add("per-class thresholds", probs, plain["per_class"], False, plain["f1_per_class_heldout"])
+    add("+ top-1 guarantee", probs, top1["per_class"], True, top1["f1_per_class_heldout"])
+    if probs_tta is not None:
+        tta = tune_thresholds(y, probs_tta, min_positives, at_least_one=True, seed=seed)
+        add("+ flip TTA", probs_tta, tta["per_class"], True, tta["f1_per_class_heldout"])
+    if ensemble is not None:
+        ens = tune_thresholds(y, ensemble, min_positives, at_least_one=True, seed=seed)
+        add("+ ensemble", ensemble, ens["per_class"], True, ens["f1_per_class_heldout"])
+    table = pd.DataFrame(rows).set_index("step")
+    table.insert(1, "gain", table["course F1"].diff())
+    table.insert(3, "held-out gain", table["held-out"].diff())
+    return table
+
+
+def pick_classes(support, n: int = 4) -> dict:
+    """``{"frequent": [...], "rare": [...]}``: the ``n`` classes with most and fewest validation
+    positives (rare ones among classes with at least one; the two lists never overlap)."""
+    support = np.asarray(support)
+    has = np.flatnonzero(support > 0)
+    order = has[np.argsort(-support[has], kind="stable")]
+    frequent = [int(c) for c in order[:n]]
+    rare = [int(c) for c in order[::-1] if c not in frequent][:n]
+    return {"frequent": frequent, "rare": rare}
+
+
+def error_examples(targets: np.ndarray, pred: np.ndarray, probs: np.ndarray, cls: int, n: int = 3) -> tuple:
+    """``(false positives, false negatives)`` of class ``cls``: row indices, worst first.
+
+    The most confident false positives and the most confidently missed positives (the
+    positives the model scored lowest) are the instructive ones: a missing annotation, a look-alike class, an object too small to see.
+    """
+    y = np.asarray(targets)[:, cls].astype(bool)
+    p = np.asarray(pred)[:, cls].astype(bool)
+    s = np.asarray(probs)[:, cls]
+    fp = np.flatnonzero(p & ~y)
+    fn = np.flatnonzero(~p & y)
+    return (fp[np.argsort(-s[fp], kind="stable")][:n], fn[np.argsort(s[fn], kind="stable")][:n])
+
+
+def cooccurrence(Y: np.ndarray) -> np.ndarray:
+    """``P[i, j]``: the fraction of images with class ``i`` that also have class ``j``.
+
+    Conditional rather than raw counts, which would only repeat the class frequencies
+    (person dominates every row). The diagonal (always 1) and rows of classes that never
+    occur are NaN.
+    """
+    Y = np.asarray(Y, dtype=np.float64)
+    C = Y.T @ Y
+    n = np.diag(C).copy()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        P = C / n[:, None]
+    P[n == 0] = np.nan
+    np.fill_diagonal(P, np.nan)
+    return P
+
+
+def cooccurrence_similarity(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation of two co-occurrence matrices over the entries both define.
+
+    One number for "do the predictions combine classes the way the training data does?";
+    NaN when fewer than three entries are defined in both or either is constant.
+    """
+    a, b = np.asarray(a, dtype=float).ravel(), np.asarray(b, dtype=float).ravel()
+    ok = np.isfinite(a) & np.isfinite(b)
+    if ok.sum() < 3 or a[ok].std() == 0 or b[ok].std() == 0:
+        return float("nan")
+    return float(np.corrcoef(a[ok], b[ok])[0, 1])
+
+
+def label_count_table(targets: np.ndarray, pred: np.ndarray, cap: int = 10) -> "pd.DataFrame":
+    """Images by (true labels, predicted labels) count, counts above ``cap`` pooled as ``cap``."""
+    import pandas as pd
+    t = np.minimum(np.asarray(targets).sum(1), cap)
+    p = np.minimum(np.asarray(pred).sum(1), cap)
+    table = pd.crosstab(pd.Series(t, name="true labels"), pd.Series(p, name="predicted labels"))
+    full = range(0, int(max(t.max(initial=0), p.max(initial=0))) + 1)
+    return table.reindex(index=full, columns=full, fill_value=0)
+

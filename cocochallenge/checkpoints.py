@@ -1,0 +1,103 @@
+"""Checkpoints of one training phase: the last epoch (to resume) and the best one (to keep).
+
+A JupyterHub session is culled when idle and a kernel can die mid-run: after every epoch the
+whole state (model or head, optimiser, scheduler, history, random generators) is written
+atomically, so running the notebook again continues after the last complete epoch with the
+same batches an uninterrupted run would have drawn.
+"""
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import seed_everything
+from .files import torch_save_atomic
+
+
+def seed_epoch(seed: int, epoch: int) -> None:
+    """Reseed every generator from ``(seed, epoch)``: batch order, augmentation, dropout."""
+    seed_everything(seed * 1009 + epoch)
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class PhaseCheckpoint:
+    """``<folder>/<phase>_last.pt`` and ``<phase>_best.pt`` for the objects in ``state``.
+
+    ``state`` maps names to objects with ``state_dict``/``load_state_dict`` (the model or the
+    head under ``"model"``, the optimiser, the scheduler, a grad scaler or None).
+    :meth:`resume` returns the epoch to start from; :meth:`save` records one finished epoch
+    and says whether it is the best so far (higher ``score`` is better).
+    """
+
+    def __init__(self, folder: Path | str, phase: str, state: dict):
+        self.folder, self.phase, self.state = Path(folder), phase, state
+        self.last_path = self.folder / f"{phase}_last.pt"
+        self.best_path = self.folder / f"{phase}_best.pt"
+        self.history: list[dict] = []
+        self.best = -math.inf
+        self.best_epoch = 0
+
+    def resume(self, log=print) -> int:
+        """Load the last complete epoch if there is one; return the epoch to start from."""
+        if not self.last_path.exists():
+            return 0
+        ckpt = torch.load(self.last_path, map_location="cpu", weights_only=False)
+        for name, obj in self.state.items():
+            if obj is not None and ckpt["state"].get(name) is not None:
+                obj.load_state_dict(ckpt["state"][name])
+        self.history, self.best = ckpt["history"], ckpt["best"]
+        self.best_epoch = ckpt.get("best_epoch", 0)
+        _set_rng_state(ckpt["rng"])
+        start = ckpt["epoch"] + 1
+        log(f"[{self.phase}] resuming after epoch {start} from {self.last_path.name}")
+        return start
+
+    def save(self, epoch: int, row: dict, score: float) -> bool:
+        """Record a finished epoch (0-based): best model if improved, then the full state."""
+        self.history.append(row)
+        improved = score > self.best
+        if improved:
+            self.best, self.best_epoch = score, epoch + 1
+            torch_save_atomic({"model": self.state["model"].state_dict(), "epoch": epoch + 1,
+                               "score": score}, self.best_path)
+        torch_save_atomic({"state": {k: (v.state_dict() if v is not None else None)
+                                     for k, v in self.state.items()},
+                           "history": self.history, "best": self.best, "best_epoch": self.best_epoch,
+                           "epoch": epoch, "rng": _rng_state()}, self.last_path)
+        return improved
+
+    def load_best(self, module: torch.nn.Module) -> None:
+        """Put the best epoch's weights into ``module`` (the one ``state['model']`` was)."""
+        if self.best_path.exists():
+            module.load_state_dict(torch.load(self.best_path, map_location="cpu", weights_only=True)["model"])
+
+
+def epoch_row(phase: str, epoch: int, offset: int, seconds: float, train: dict, val: dict) -> dict:
+    """One history row: phase, epochs, time, then ``train_*`` and ``val_*`` scalars."""
+    scalars = lambda d: {k: v for k, v in d.items() if isinstance(v, (int, float))}  # noqa: E731
+    return {"phase": phase, "epoch": epoch + 1, "global_epoch": offset + epoch + 1, "seconds": seconds,
+            **{f"train_{k}": v for k, v in scalars(train).items()},
+            **{f"val_{k}": v for k, v in scalars(val).items()}}
+
+
+def epoch_line(row: dict, epochs: int, improved: bool) -> str:
+    """The printed summary of an epoch, short enough not to wrap in JupyterLab (< 100 chars)."""
+    return (f"{row['phase']:>8} {row['epoch']:>2}/{epochs}  loss {row['train_loss']:.4f} / "
+            f"{row['val_loss']:.4f}  F1@0.5 {row['val_f1']:.3f}  mAP {row['val_mAP']:.4f}  "
+            f"{row['seconds']:5.1f}s{'  *best' if improved else ''}")

@@ -1,0 +1,45 @@
+"""Command line: ``python -m cocochallenge {demo-data, validate, score} ...``."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .demo import make_demo_data
+from .files import load_json
+from .submission import SubmissionError, score_submission, validate_submission
+
+def main(argv=None) -> int:
+    """Small command-line front end for the jobs a team runs outside the notebooks."""
+    parser = argparse.ArgumentParser(prog="python -m cocochallenge", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("demo-data", help="write a demo dataset in the challenge layout")
+    p.add_argument("--root", default="data/demo/ms-coco")
+    p.add_argument("--n-train", type=int, default=1000)
+    p.add_argument("--n-test", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("validate", help="check a submission JSON against the test image folder")
+    p.add_argument("submission")
+    p.add_argument("test_dir", help="the images/test-resized folder")
+    p = sub.add_parser("score", help="score a submission JSON against an answers JSON")
+    p.add_argument("submission")
+    p.add_argument("answers")
+    args = parser.parse_args(argv)
+    if args.command == "demo-data":
+        out = make_demo_data(args.root, args.n_train, args.n_test, args.seed)
+        counts = out["class_counts"]
+        print(f"demo data in {out['root']}: {out['n_train']} train, {out['n_test']} test images, "
+              f"{sum(counts) / out['n_train']:.2f} labels per image, class 0 in {counts[0]} images, "
+              f"rarest class in {min(counts)}; {out['seconds']:.1f}s")
+    elif args.command == "validate":
+        try:
+            validate_submission(load_json(args.submission), args.test_dir)
+        except SubmissionError as err:
+            print(err, file=sys.stderr)
+            return 1
+        print(f"{args.submission}: valid")
+    else:
+        for key, value in score_submission(args.submission, args.answers).items():
+            print(f"{key:>16}: {value:.4f}" if isinstance(value, float) else f"{key:>16}: {value}")
+    return 0
+
+

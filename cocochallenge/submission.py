@@ -1,0 +1,112 @@
+"""The hand-in: strict JSON, validated against the test folder before it is written.
+
+A submission under an existing group name overwrites the team's entry, so a malformed file
+costs the team its place: nothing is written until every check passes.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .config import NUM_CLASSES
+from .data import list_files
+from .files import atomic_path, load_json
+from .metrics import evaluate_predictions
+
+class SubmissionError(ValueError):
+    """A submission that the leaderboard would reject or misread; nothing was written."""
+
+
+def predictions_to_submission(stems, pred: np.ndarray) -> dict:
+    """``{file stem: sorted list of class ints}`` from binary predictions ``(N, 80)``."""
+    pred = np.asarray(pred).astype(bool)
+    if len(stems) != len(pred):
+        raise SubmissionError(f"{len(stems)} image ids but {len(pred)} prediction rows")
+    return {str(s): [int(c) for c in np.flatnonzero(row)] for s, row in zip(stems, pred)}
+
+
+def submission_problems(sub, test_stems=None) -> list[str]:
+    """Every reason the leaderboard would reject or misread ``sub`` (empty list: valid)."""
+    if not isinstance(sub, dict):
+        return [f"the submission must be a JSON object (dict), not {type(sub).__name__}"]
+    problems = []
+    for key, value in sub.items():
+        if not isinstance(key, str) or not (len(key) == 12 and key.isdigit()):
+            problems.append(f"key {key!r} is not a 12-digit image id (file stem, no extension)")
+        if not isinstance(value, list):
+            problems.append(f"{key}: value must be a list of class indices, not {type(value).__name__}")
+            continue
+        bad = [v for v in value if isinstance(v, bool) or not isinstance(v, int)
+               or not 0 <= v < NUM_CLASSES]
+        if bad:
+            problems.append(f"{key}: {bad[:5]} not class indices (ints 0..{NUM_CLASSES - 1})")
+        elif value != sorted(set(value)):
+            problems.append(f"{key}: {value} must be sorted and without duplicates")
+    if test_stems is not None:
+        expected = set(test_stems)
+        missing = sorted(expected - set(sub))
+        extra = sorted(set(sub) - expected)
+        if missing:
+            problems.append(f"{len(missing)} test images have no prediction, e.g. {missing[:3]}")
+        if extra:
+            problems.append(f"{len(extra)} ids are not test images, e.g. {extra[:3]}")
+    return problems
+
+
+def validate_submission(sub, test_dir: Path | str | None = None) -> None:
+    """Raise :class:`SubmissionError` listing the problems; with ``test_dir`` every test image
+    must appear exactly once (JSON keys are unique, so 'once' means 'present')."""
+    stems = None
+    if test_dir is not None:
+        stems = [n[:-4] for n in list_files(test_dir, ".jpg")]
+    problems = submission_problems(sub, stems)
+    if problems:
+        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+        raise SubmissionError("invalid submission:\n  " + "\n  ".join(problems[:10]) + more)
+
+
+def write_submission(sub: dict, path: Path | str, test_dir: Path | str | None = None) -> Path:
+    """Validate, then write atomically; a previous valid file is kept as ``<name>.bak``.
+
+    The leaderboard overwrites a group's entry with each upload, so a broken file costs the
+    entry: an invalid submission is refused here, before anything on disk changes.
+    """
+    validate_submission(sub, test_dir)
+    path = Path(path)
+    if path.exists():
+        try:
+            old = load_json(path)
+            if not submission_problems(old):
+                with atomic_path(path.with_name(path.name + ".bak")) as tmp:
+                    tmp.write_bytes(path.read_bytes())
+        except (OSError, ValueError):
+            pass                                   # an unreadable old file is not worth keeping
+    text = "{\n" + ",\n".join(f'"{k}": {json.dumps(v)}' for k, v in sorted(sub.items())) + "\n}\n"
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return path
+
+
+def score_submission(sub: dict | Path | str, answers: dict | Path | str) -> dict:
+    """Score a submission against answers the way the leaderboard does.
+
+    Course F1 with its precision and recall, plus macro and micro F1, over the images of
+    ``answers``; an image missing from the submission counts as predicted empty. Use it on
+    your validation split to rehearse before uploading.
+    """
+    sub = load_json(sub) if isinstance(sub, (str, Path)) else sub
+    answers = load_json(answers) if isinstance(answers, (str, Path)) else answers
+    stems = sorted(answers)
+    y = np.zeros((len(stems), NUM_CLASSES), dtype=bool)
+    p = np.zeros_like(y)
+    for i, s in enumerate(stems):
+        y[i, answers[s]] = True
+        p[i, [c for c in sub.get(s, []) if 0 <= c < NUM_CLASSES]] = True
+    out = evaluate_predictions(y, p.astype(np.float32), thresholds=0.5)
+    out.pop("mAP")
+    out["n_images"] = len(stems)
+    out["n_missing"] = sum(1 for s in stems if s not in sub)
+    return out
+

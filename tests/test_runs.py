@@ -1,0 +1,178 @@
+"""A run folder never mixes settings: each stale artifact is found before any training (issue 10)."""
+import os
+import stat
+
+import numpy as np
+import pytest
+import torch
+
+from cocochallenge import config, demo, files, metrics, runs, split, training
+
+CFG = {"img_size": 64, "pad": True, "head": "mlp", "dropout": 0.2, "loss": "bce", "lr_head": 1e-3,
+       "lr_finetune": 3e-4, "backbone_lr_factor": 0.1, "weight_decay": 1e-4, "epochs_frozen": 2,
+       "epochs_finetune": 1, "batch_size": 16, "augment": "trivial", "freeze_bn": True, "seed": 0,
+       "tta": True, "at_least_one": True}
+PRE = {"size": 64, "mean": (0.5,) * 3, "std": (0.5,) * 3}
+
+
+def _settings(**change):
+    return runs.model_settings("efficientnet_lite0", {**CFG, **change}, PRE, "data1", "split1")
+
+
+def _trained(run_dir, finished=True, **change):
+    """A backbone folder as the notebook leaves it (settings, a checkpoint, maybe result.json)."""
+    folder = run_dir / "models" / "efficientnet_lite0"
+    folder.mkdir(parents=True)
+    files.save_json(_settings(**change), folder / "settings.json")
+    torch.save({"epoch": 0}, folder / "frozen_last.pt")
+    if finished:
+        files.save_json({"name": "efficientnet_lite0"}, folder / "result.json")
+    return folder
+
+
+def test_finished_backbone_with_other_settings_stops_the_run(tmp_path):
+    _trained(tmp_path, epochs_finetune=1)
+    with pytest.raises(files.StaleRunError) as err:
+        runs.check_model(tmp_path, _settings(epochs_finetune=2))
+    msg = str(err.value)
+    assert "epochs_finetune: 1 -> 2" in msg and "RUN_DIR" in msg and 'RETRAIN = ["efficientnet_lite0"]' in msg
+    assert (tmp_path / "models/efficientnet_lite0/result.json").exists()        # nothing touched
+
+
+@pytest.mark.parametrize("change", [{"lr_finetune": 1e-4}, {"img_size": 96}, {"loss": "asl"}, {"pad": False},
+                                    {"augment": "none"}, {"head": "linear"}])
+def test_half_trained_backbone_is_not_resumed_with_other_settings(tmp_path, change):
+    _trained(tmp_path, finished=False)
+    with pytest.raises(files.StaleRunError, match=next(iter(change))):
+        runs.check_model(tmp_path, _settings(**change))
+
+
+def test_new_data_or_split_makes_every_model_stale(tmp_path):
+    _trained(tmp_path)
+    new = {**_settings(), "data": "data2", "split": "split2"}
+    with pytest.raises(files.StaleRunError, match="data: 'data1' -> 'data2'"):
+        runs.check_model(tmp_path, new)
+
+
+def test_same_settings_reuse_and_resume(tmp_path):
+    _trained(tmp_path, finished=False)
+    assert runs.check_model(tmp_path, _settings()) == "resume"
+    files.save_json({}, tmp_path / "models/efficientnet_lite0/result.json")
+    assert runs.check_model(tmp_path, _settings()) == "done"
+    assert runs.check_model(tmp_path / "other", _settings()) == "new"
+
+
+def test_retrain_switch_moves_old_files_aside_not_away(tmp_path):
+    folder = _trained(tmp_path)
+    lines = []
+    assert runs.check_model(tmp_path, _settings(lr_head=1e-2), retrain=True, log=lines.append) == "new"
+    assert not folder.exists()
+    kept = list((tmp_path / "replaced").glob("*/models/efficientnet_lite0/result.json"))
+    assert len(kept) == 1 and any("moved aside" in line for line in lines)
+
+
+def test_after_training_settings_are_not_training_settings():
+    for key in ("tta", "at_least_one", "min_positives", "backbones", "progress", "workers", "device"):
+        assert key not in runs.TRAINING_SETTINGS
+    assert runs.model_settings("x", {**CFG, "tta": False}, PRE, "d", "s") == runs.model_settings("x", CFG, PRE, "d", "s")
+
+
+class _Backbone(torch.nn.Module):
+    def forward(self, x):
+        return x.flatten(1)[:, :4]
+
+
+def test_feature_cache_is_keyed_not_counted(tmp_path):
+    ds = torch.utils.data.TensorDataset(torch.rand(6, 1, 2, 2), torch.zeros(6, 80))
+    loader = torch.utils.data.DataLoader(ds, batch_size=4)
+    key = {"backbone": "b", "size": 64, "pad": True, "mean": [0.5] * 3, "images": "split1"}
+    path = tmp_path / "features_train.pt"
+    f1 = training.cached_features(path, _Backbone(), loader, "cpu", key=key, show_progress=False)
+    f2 = training.cached_features(path, _Backbone(), loader, "cpu", key=key, show_progress=False)
+    assert torch.equal(f1, f2)
+    for change in ({"images": "split2"}, {"size": 96}, {"pad": False}, {"mean": [0.4] * 3}):
+        with pytest.raises(files.StaleRunError, match=next(iter(change))):   # same row count, other key
+            training.cached_features(path, _Backbone(), loader, "cpu", key={**key, **change}, show_progress=False)
+    torch.save(torch.load(path, weights_only=False), path)                      # untouched by the refusals
+    assert torch.equal(torch.load(path, weights_only=False)["feats"], f1)
+
+
+def test_ensemble_refuses_models_validated_on_other_images(tmp_path):
+    y = np.zeros((4, 80), np.uint8)
+    y[:, 0] = 1
+    for name, stems in (("a", ["1", "2", "3", "4"]), ("b", ["1", "2", "3", "5"])):
+        folder = tmp_path / "models" / name
+        p = np.full((4, 80), 0.3, np.float32)
+        files.save_npz(folder / "val_scores.npz", probs=p, probs_tta=p, targets=y, stems=np.array(stems))
+        files.save_npz(folder / "test_scores.npz", probs=p, probs_tta=p, stems=np.array(stems))
+        files.save_json({"train_seconds": 1, "parameters": 1}, folder / "result.json")
+    with pytest.raises(files.StaleRunError, match="different images"):
+        runs.compare_models(tmp_path, ["a", "b"])
+
+
+def test_atomic_files_get_the_mode_a_normal_write_gives(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = files.save_json({"a": 1}, tmp_path / "x.json")
+        (tmp_path / "plain.json").write_text("{}")
+    finally:
+        os.umask(old)
+    mode = stat.S_IMODE(path.stat().st_mode)
+    assert mode == stat.S_IMODE((tmp_path / "plain.json").stat().st_mode) == 0o644
+
+
+def test_demo_generator_never_deletes_files_it_did_not_write(tmp_path):
+    root = tmp_path / "ms-coco"
+    real = root / "images" / "train-resized" / "000000000139.jpg"
+    real.parent.mkdir(parents=True)
+    real.write_bytes(b"a real photo")
+    with pytest.raises(ValueError, match="refusing"):
+        demo.make_demo_data(root, n_train=5, n_test=2, progress=False)
+    assert real.read_bytes() == b"a real photo"
+
+
+def test_demo_data_a_run_used_is_not_replaced_by_another_size(tmp_path):
+    root = tmp_path / "demo"
+    demo.make_demo_data(root, n_train=12, n_test=3, progress=False)
+    with pytest.raises(ValueError, match="another demo folder"):
+        demo.make_demo_data(root, n_train=6, n_test=3, progress=False, replace=False)
+    assert len(list((root / "labels/train").glob("*.cls"))) == 12
+    demo.make_demo_data(root, n_train=12, n_test=3, progress=False, replace=False)   # same set: reused
+
+
+def test_smoke_mode_has_its_own_folders(monkeypatch):
+    for k in ("COCO_RUN_DIR", "COCO_DEMO_DIR"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("COCO_SMOKE", "1")
+    cfg = config.notebook_config({"RUN_DIR": "runs/main", "DEMO_DIR": "data/demo/ms-coco", "SMOKE": False,
+                                  "EPOCHS_FROZEN": 6})
+    assert cfg["run_dir"] == "runs/smoke" and cfg["demo_dir"] == "data/smoke/ms-coco" and cfg["epochs_frozen"] == 2
+    monkeypatch.setenv("COCO_RUN_DIR", "/tmp/mine")
+    assert config.notebook_config({"RUN_DIR": "runs/main", "DEMO_DIR": "d", "SMOKE": False})["run_dir"] == "/tmp/mine"
+
+
+def test_threshold_between_adjacent_float32_scores_keeps_the_positive():
+    hi = np.float32(0.3)
+    lo = np.nextafter(hi, np.float32(0))                 # the float32 just below
+    probs = np.zeros((8, 80), np.float32)
+    y = np.zeros((8, 80), np.uint8)
+    probs[:, 0] = [hi, lo, lo, lo, 0.1, 0.1, 0.1, 0.1]
+    y[:, 0] = [1, 0, 0, 0, 0, 0, 0, 0]
+    y[:5, 1] = 1
+    t = metrics.per_class_thresholds(y, probs, min_positives=1)
+    pred = metrics.apply_thresholds(probs, t)
+    assert pred[0, 0] and not pred[1:, 0].any()
+
+
+def test_repair_split_guarantees_both_sides_or_reports():
+    rng = np.random.default_rng(1)
+    Y = (rng.random((60, 30)) < 0.06).astype(bool)
+    Y[:2, 29], Y[2:, 29] = True, False                    # a class of exactly two images
+    side = np.zeros(60, np.int8)
+    side[:5] = 1                                          # a split that misses many classes
+    left = split.repair_split(Y, side)
+    both = (Y[side == 0].sum(0) > 0) & (Y[side == 1].sum(0) > 0)
+    assert left == sorted(np.flatnonzero(~both & (Y.sum(0) >= 2)).tolist())
+    assert both[Y.sum(0) >= 2].all() and left == []
+    stuck = np.zeros(60, np.int8)
+    assert split.repair_split(Y, stuck, max_passes=0) != []        # nothing moved: reported, not hidden
