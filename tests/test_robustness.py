@@ -264,10 +264,32 @@ def _driver(tmp_path, demo_root, run_dir):
     return dict(args=[sys.executable, str(script), str(ROOT)], env=env)
 
 
+def _check_tensorboard(folder, frozen, finetune):
+    """Read the event files back with TensorBoard's own reader: every promised scalar is there."""
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+    mux = EventMultiplexer()
+    mux.AddRunsFromDirectory(str(folder))
+    mux.Reload()
+    tags = {run: set(t["scalars"]) for run, t in mux.Runs().items()}
+    plain = tags["."]
+    for phase, n in (("frozen", frozen), ("finetune", finetune)):
+        for tag in ("train_loss", "val_loss", "train_course_f1", "val_course_f1", "val_precision",
+                    "val_recall", "val_mAP"):
+            events = mux.Scalars(".", f"{phase}/{tag}")
+            assert len(events) == n, (phase, tag)
+    assert all(str(v).startswith(("frozen/", "finetune/")) for v in plain)
+    course = {run for run in tags if run != "."}       # the course's add_scalars: one sub-run per line
+    for name in ("Losses_Train Loss vs Test Loss_Train Loss", "Metrics_Train F1 vs Test F1_Test F1",
+                 "Metrics_Train Precision vs Test Precision_Test Precision",
+                 "Metrics_Train Recall vs Test Recall_Test Recall"):
+        assert name in course, (name, course)
+
+
 def test_killed_run_resumes_to_the_same_result(tmp_path, demo_root):
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "killed"
     out = subprocess.run(**_driver(tmp_path, demo_root, ref_dir), capture_output=True, text=True, timeout=600)
     assert "FINISHED" in out.stdout, out.stderr[-2000:]
+    _check_tensorboard(ref_dir / "tensorboard" / "efficientnet_lite0", frozen=3, finetune=4)
 
     proc = subprocess.Popen(**_driver(tmp_path, demo_root, run_dir), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
