@@ -44,7 +44,7 @@ def autocast(device: torch.device, dtype):
     """An autocast context, or a no-op when ``dtype`` is None: one code path for CPU and GPU."""
     if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
 def make_optimizer(groups, device: torch.device, lr: float):

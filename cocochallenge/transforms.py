@@ -63,13 +63,14 @@ def build_transform(preprocess: dict, train: bool = False, pad: bool = True,
 
 
 def make_loader(dataset, batch_size: int, train: bool, device: torch.device | str = "cpu",
-                workers: int | None = None) -> DataLoader:
+                workers: int | None = None, persistent: bool | None = None) -> DataLoader:
     """A DataLoader set up for the device: workers, pinned memory and prefetching on CUDA.
 
     The course's ``DataLoader(ds, batch_size, shuffle)`` decodes JPEGs in the main process,
     which starves a GPU. Shuffling and the workers' seeds draw from torch's global generator,
     which the epoch loop reseeds from ``(seed, epoch)``: a resumed epoch sees the same order
-    and the same augmentations as the uninterrupted run.
+    and the same augmentations as the uninterrupted run. ``persistent`` forces the GPU's
+    persistent workers on a CPU (tests rehearse the GPU's loader settings that way).
     """
     dev = torch.device(device)
     if workers is None:
@@ -79,5 +80,6 @@ def make_loader(dataset, batch_size: int, train: bool, device: torch.device | st
     if workers > 0:
         # persistent workers keep their RNG across epochs, which a resumed run cannot replay;
         # on CUDA the start-up saving is worth it, on a CPU reproducibility wins.
-        kwargs.update(persistent_workers=dev.type == "cuda", prefetch_factor=4)
+        kwargs.update(persistent_workers=dev.type == "cuda" if persistent is None else persistent,
+                      prefetch_factor=4)
     return DataLoader(dataset, **kwargs)
