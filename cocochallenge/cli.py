@@ -1,4 +1,4 @@
-"""Command line: ``python -m cocochallenge {demo-data, validate, score} ...``."""
+"""Command line: ``python -m cocochallenge {demo-data, validate, handin, score} ...``."""
 from __future__ import annotations
 
 import argparse
@@ -20,6 +20,10 @@ def main(argv=None) -> int:
     p = sub.add_parser("validate", help="check a submission JSON against the test image folder")
     p.add_argument("submission")
     p.add_argument("test_dir", help="the images/test-resized folder")
+    p = sub.add_parser("handin", help="check a run folder and pack it into a zip for Moodle")
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="zip path (default: <run_dir>/handin.zip)")
+    p.add_argument("--max-mb", type=float, default=20.0, help="the course's upload limit, MB (default 20)")
     p = sub.add_parser("score", help="score a submission JSON against an answers JSON")
     p.add_argument("submission")
     p.add_argument("answers")
@@ -30,6 +34,9 @@ def main(argv=None) -> int:
         print(f"demo data in {out['root']}: {out['n_train']} train, {out['n_test']} test images, "
               f"{sum(counts) / out['n_train']:.2f} labels per image, class 0 in {counts[0]} images, "
               f"rarest class in {min(counts)}; {out['seconds']:.1f}s")
+    elif args.command == "handin":
+        from .handin import pack
+        return 0 if pack(args.run_dir, args.out, args.max_mb) else 1
     elif args.command == "validate":
         try:
             validate_submission(load_json(args.submission), args.test_dir)
