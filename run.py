@@ -118,6 +118,10 @@ def main(argv=None) -> int:
     parser.add_argument("--no-analysis", action="store_true", help="skip the analysis notebook")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
     parser.add_argument("--quiet", action="store_true", help="print only the final lines")
+    parser.add_argument("--handin", action="store_true", help="then pack the run for Moodle (see README)")
+    parser.add_argument("--update-notebooks", action="store_true",
+                        help="copy the executed notebooks over the committed ones (the nbval references; "
+                             "only for the README's demo run)")
     args = parser.parse_args(argv)
 
     env = {}
@@ -153,6 +157,15 @@ def main(argv=None) -> int:
         print(f"analysis notebook: {seconds:.0f}s -> {run_dir / 'analysis.ipynb'}", flush=True)
     submission = run_dir / "submission.json"
     print(f"total {time.perf_counter() - t0:.0f}s")
+    if args.update_notebooks:
+        import shutil
+        for name in ("challenge.ipynb", "analysis.ipynb"):
+            shutil.copyfile(run_dir / name, ROOT / name)
+            print(f"{name}: committed outputs replaced by this run's")
+    if args.handin:
+        sys.path.insert(0, str(ROOT))
+        from cocochallenge.handin import pack
+        pack(run_dir)
     print(f"submission: {submission}" if submission.exists() else "no submission was written")
     return 0 if submission.exists() else 1
 

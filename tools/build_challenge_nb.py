@@ -104,6 +104,7 @@ The environment overrides the cell above and the smoke setting shrinks the sizes
 the values in force, and which of them differ from the cell. Those values replace the cell's names.
 ''')
 code('''
+# NBVAL_CHECK_OUTPUT
 cfg = config.notebook_config(globals())
 in_cell = {k: globals()[k.upper()] for k in cfg}
 globals().update({k.upper(): v for k, v in cfg.items()})
@@ -131,6 +132,7 @@ into a multi-hot matrix by the course's `COCOTrainImageDataset`, and a digest of
 so that a run folder is never reused on other data.
 ''')
 code('''
+# NBVAL_CHECK_OUTPUT
 data_root, is_demo = data.resolve_data_root(DATA_ROOT, DEMO_DIR, DEMO_TRAIN, DEMO_TEST, SEED)
 if is_demo:
     print(f"No data root given and no course data at {data.COURSE_DATA_ROOT}: using GENERATED DEMO DATA in "
@@ -142,7 +144,8 @@ train_set.drop(scan["skip"])
 test_set = h.COCOTestImageDataset(paths["test_images"])
 data.report_data(scan, train_set.label_notes)
 data_id = data.data_fingerprint(train_set, test_set)
-print(f"data: {data_root}: {len(train_set)} labelled and {len(test_set)} test images (digest {data_id})")
+print(f"data: {files.shown_path(data_root)}: {len(train_set)} labelled and {len(test_set)} test images "
+      f"(digest {data_id})")
 ''')
 md('''
 The split is **stratified over all 80 labels** (a random split leaves the rarest classes with a
@@ -151,19 +154,22 @@ data digest: the analysis notebook and later runs use the same images, and a cha
 stops the run instead of being silently overridden.
 ''')
 code('''
+# NBVAL_CHECK_OUTPUT
 run_dir = Path(RUN_DIR).expanduser()
 run_dir.mkdir(parents=True, exist_ok=True)
 train_idx, val_idx = split.load_or_make_split(train_set, run_dir / "split.json", VAL_FRACTION, SEED, data_id,
                                               replace="all" in RETRAIN)
 split_id = files.load_json(run_dir / "split.json")["id"]
 y_train, y_val = train_set.labels[train_idx], train_set.labels[val_idx]
-print(f"{len(train_idx)} train / {len(val_idx)} validation images (split {split_id}); run folder: {RUN_DIR}")
+print(f"{len(train_idx)} train / {len(val_idx)} validation images (split {split_id}); "
+      f"run folder: {files.shown_path(run_dir)}")
 ''')
 md('''
 Classes are very imbalanced (person is in about half of the images): that is why rare classes
 need their own thresholds, and why the head's bias starts at each class's log-odds.
 ''')
 code('''
+# NBVAL_CHECK_OUTPUT
 stats = data.class_statistics(train_set.labels)
 stats["val images"] = y_val.sum(0)
 ax = stats.sort_values("images", ascending=False).plot.bar(x="class", y="images", figsize=(15, 3.5),
@@ -182,6 +188,7 @@ preprocessing (input size, normalisation) is that of *those* weights. Without in
 torchvision's weights cannot be downloaded: the error says so and names the offline backbones.
 ''')
 code('''
+# NBVAL_CHECK_OUTPUT
 pd.DataFrame({n: {**models.BACKBONES[n], **models.preprocess_for(n, IMG_SIZE)} for n in BACKBONES}).T[
     ["kind", "weights", "dim", "size", "mean"]]
 ''')
@@ -189,6 +196,7 @@ md('''
 The first backbone, built and printed in short: freezing leaves only the head's parameters to learn.
 ''')
 code('''
+# NBVAL_CHECK_OUTPUT
 model, _ = models.build_model(BACKBONES[0], head=HEAD, dropout=DROPOUT, prior=y_train.mean(0))
 before = models.describe(model)
 models.freeze_backbone(model)
@@ -239,6 +247,7 @@ md('''
 The fine-tuning optimiser of the model above, group by group (the backbone learns 10x slower):
 ''')
 code('''
+# NBVAL_CHECK_OUTPUT
 models.unfreeze_backbone(model)
 optimizer, _ = finetune_optimizer(model, steps_per_epoch=100)
 pd.DataFrame([{"part": "backbone" if i < 2 else "head", "lr": g.get("initial_lr", g["lr"]), "weight decay": g["weight_decay"],
@@ -423,13 +432,13 @@ test folder (every image once, class indices 0..79) before it is written, atomic
 previous valid file as a `.bak`.
 ''')
 code('''
+# NBVAL_CHECK_OUTPUT
 pred = metrics.apply_thresholds(chosen["test"], chosen["thresholds"], AT_LEAST_ONE)
 sub = submission.predictions_to_submission(chosen["test_stems"], pred)
 path = submission.write_submission(sub, run_dir / "submission.json", paths["test_images"])
 assert len(sub) == len(test_set) and set(sub) == set(test_set.stems)
 assert all(len(v) >= 1 for v in sub.values()) or not AT_LEAST_ONE
-print(f"submission: {files.shown_path(path)}")
-print(f"{len(sub)} test images, {pred.sum(1).mean():.2f} labels per image on average")
+print(f"submission: {files.shown_path(path)}: {len(sub)} test images, each once")
 files.save_json({"chosen": best, "submission": str(path), "data_root": str(data_root), "demo": is_demo},
                 run_dir / "summary.json");
 ''')
@@ -438,6 +447,7 @@ When answers for the test images exist (only for demo data or the real-photo che
 the challenge), the submission is scored exactly like the leaderboard would.
 ''')
 code('''
+print(f"{pred.sum(1).mean():.2f} labels per test image on average")
 answers = runs.find_answers(data_root)
 if answers:
     print(f"scored against {files.shown_path(answers)}:")
