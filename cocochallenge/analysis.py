@@ -159,15 +159,26 @@ def best_mask(table: "pd.DataFrame", lower=(), skip=()) -> "pd.DataFrame":
     return out
 
 
-def highlight_best(table: "pd.DataFrame", lower=(), skip=(), precision: int = 4):
-    """The table as a pandas ``Styler`` with the best value of each column in bold on green.
+def highlight_best(table: "pd.DataFrame", lower=(), skip=(), precision: int = 4, transpose: bool = False):
+    """The table as a pandas ``Styler``: each column's best value in bold on green, and marked ★.
 
     A comparison table is read column by column ("which model is fastest?"); marking each
-    column's winner answers that without scanning the digits.
+    column's winner answers that without scanning the digits. The ★ is text, so the meaning
+    survives where the colours do not (an untrusted notebook in JupyterLab drops the styles,
+    and so does a print-out). With a single model nothing is marked: everything would be
+    "best". ``transpose`` shows models as columns (narrow enough for JupyterLab's width).
     """
-    mask = best_mask(table, lower, skip)
-    return (table.style.format(precision=precision)
-            .apply(lambda _: np.where(mask, BEST_CELL_STYLE, ""), axis=None))
+    import pandas as pd
+    mask = best_mask(table, lower, skip) if len(table) > 1 else pd.DataFrame(False, table.index, table.columns)
+    shown, mask = (table.T, mask.T) if transpose else (table, mask)
+    style = shown.style.format(precision=precision)
+    for row, col in zip(*np.nonzero(mask.to_numpy())):
+        cell = pd.IndexSlice[shown.index[[row]], shown.columns[[col]]]
+        style = style.format(lambda v: f"{v:.{precision}f} ★", subset=cell)
+    if mask.to_numpy().any():
+        style = (style.apply(lambda _: np.where(mask, BEST_CELL_STYLE, ""), axis=None)
+                 .set_caption("★ best of its " + ("row" if transpose else "column")))
+    return style
 
 
 def phase_summary(history: dict) -> "pd.DataFrame":
@@ -259,7 +270,10 @@ def threshold_steps(targets: np.ndarray, probs: np.ndarray, probs_tta: np.ndarra
     top1 = tune_thresholds(y, probs, min_positives, at_least_one=True, seed=seed)
     add("course recipe: raw output > 0.5", probs, COURSE_LOGIT_THRESHOLD_AS_PROB, False)
     add("sigmoid: probability > 0.5", probs, 0.5, False)
-    add(f"best global threshold ({plain['global_threshold']:.2f})", probs, plain["global_threshold"], False)
+    # the steps before flip TTA use the plain scores: their threshold differs from the one the
+    # comparison table reports on TTA scores, and the label says so
+    add(f"best global threshold ({plain['global_threshold']:.2f} on scores without TTA)", probs,
+        plain["global_threshold"], False)
     add("per-class thresholds", probs, plain["per_class"], False, plain["f1_per_class_heldout"])
     add("+ top-1 guarantee", probs, top1["per_class"], True, top1["f1_per_class_heldout"])
     if probs_tta is not None:

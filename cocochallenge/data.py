@@ -284,7 +284,7 @@ def class_statistics(Y: np.ndarray) -> "pd.DataFrame":
     import pandas as pd
     counts = Y.sum(axis=0).astype(int)
     return pd.DataFrame({"class": CLASSES, "images": counts,
-                         "prevalence": counts / max(len(Y), 1)}).rename_axis("index")
+                         "prevalence": counts / max(len(Y), 1)})
 
 
 

@@ -122,7 +122,7 @@ def per_class_table(targets: np.ndarray, probs: np.ndarray, thresholds=0.5, at_l
     thr = np.broadcast_to(np.asarray(thresholds, dtype=float), (y.shape[1],))
     table = pd.DataFrame({"class": CLASSES[: y.shape[1]], "support": support, "predicted": pred.sum(0),
                           "precision": precision, "recall": recall, "f1": f1, "ap": ap,
-                          "threshold": thr}).rename_axis("index")
+                          "threshold": thr})
     if train_counts is not None:
         table.insert(1, "train images", np.asarray(train_counts).astype(int))
     return table

@@ -94,6 +94,12 @@ def test_best_mask_marks_each_columns_winner():
     assert m["speed"].tolist() == [False, True, False]      # NaN is never best
     html = analysis.highlight_best(t.drop(columns="name"), lower=["seconds"], skip=["threshold"]).to_html()
     assert html.count("font-weight: bold") >= 1
+    # the meaning survives without the styles (an untrusted notebook): a text mark per best cell
+    assert html.count("★") == 1 + 2 + 1 + 1                # caption + f1 tie + seconds + speed
+    narrow = analysis.highlight_best(t.drop(columns="name"), lower=["seconds"], skip=["threshold"], transpose=True)
+    assert list(narrow.data.columns) == ["x", "y", "z"] and "best of its row" in narrow.to_html()
+    one = analysis.highlight_best(t.drop(columns="name").iloc[:1]).to_html()
+    assert "★" not in one and "font-weight: bold" not in one      # one model: nothing is "best"
 
 
 def test_best_and_worst_rank_only_classes_with_positives():

@@ -414,7 +414,7 @@ for name, d in details.items():
     assert ((d["thresholds"] > 0) & (d["thresholds"] < 1)).all(), name
 cols = ["f1_logit_0.5", "f1_0.5", "global_threshold", "f1_global", "f1_per_class", "f1_per_class_heldout",
         "macro_f1", "mAP", "train_minutes"]
-table[cols]
+table[cols].T                                # one column per model: fits the page
 ''')
 md('''
 The model (or ensemble) with the best held-out validation course F1 makes the test predictions.
