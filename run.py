@@ -84,6 +84,10 @@ def execute(notebook: Path, out: Path, timeout: int, quiet: bool = False) -> flo
     nb = nbformat.read(notebook, as_version=4)
     nb.metadata["kernelspec"] = KERNELSPEC
     os.environ["COCO_HEADLESS"] = "1"     # the TensorBoard cell then only says where the logs are
+    # OpenMP threads that wait for work sleep instead of spinning (read when the kernel imports
+    # torch): on a 2-core CPU shared with loader workers the spinning doubled a fine-tuning
+    # epoch's user time
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     titles, shown = _section_titles(nb), set()
     client_cls = _client_class()
     client = client_cls(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}})

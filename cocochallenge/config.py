@@ -117,11 +117,22 @@ def environment_report() -> dict:
 
 
 def progress(iterable, enabled: bool = True, **kwargs):
-    """tqdm when wanted and installed; plain iteration otherwise."""
+    """tqdm when wanted and installed (the widget in Jupyter, text elsewhere); plain iteration otherwise.
+
+    Not ``tqdm.auto``: its asyncio mix-in calls ``iter(iterable)`` in ``__init__``, which on a
+    DataLoader with workers starts a second worker pool that is never read nor shut down; the
+    widget bar's reference cycle keeps it alive until a later worker pool forks, and the
+    forked children then print "can only test a child process" tracebacks when they collect it.
+    """
     if not enabled:
         return iterable
     try:
-        from tqdm.auto import tqdm
+        import warnings
+
+        from tqdm import TqdmExperimentalWarning
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", TqdmExperimentalWarning)
+            from tqdm.autonotebook import tqdm
     except ImportError:
         return iterable
     return tqdm(iterable, **kwargs)

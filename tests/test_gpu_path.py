@@ -84,3 +84,20 @@ def test_torch_compile_on_a_small_model_matches_eager():
     except Exception as err:                             # no C++ compiler on this machine
         pytest.skip(f"torch.compile unavailable here: {type(err).__name__}: {err}"[:300])
     np.testing.assert_allclose(out.detach().numpy(), head(x).detach().numpy(), atol=EXACT_ATOL)
+
+
+def test_progress_bar_leaves_no_worker_pool_behind(lite0):
+    """tqdm.auto started a second, never-read worker pool per wrapped loader (issue 10): the
+    forked children of later pools then printed "can only test a child process" tracebacks."""
+    import gc
+    import multiprocessing
+
+    from cocochallenge import config
+    _, subset, _ = lite0
+    loader = transforms.make_loader(subset, 8, False, "cpu", workers=2)
+    pools = []
+    for _ in config.progress(loader, True, desc="check", leave=False):
+        pools.append(len(multiprocessing.active_children()))
+    assert max(pools) == 2, pools                        # one pool of 2 workers, not two pools
+    gc.collect()
+    assert multiprocessing.active_children() == []

@@ -43,6 +43,8 @@ md('''
 `helpers` is the course's code; `cocochallenge` is the rest of the library, one module per concern.
 ''')
 code('''
+import os
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # before torch: idle OpenMP threads sleep, not spin (CPU)
 import time
 from pathlib import Path
 
