@@ -173,6 +173,40 @@ def per_class_thresholds(targets: np.ndarray, probs: np.ndarray, min_positives: 
     return out
 
 
+def shrunk_thresholds(targets: np.ndarray, probs: np.ndarray, k: float = 10.0) -> np.ndarray:
+    """Per-class thresholds pulled toward the global one by how few positives each class has.
+
+    ``t_c = (n_c * t_c_raw + k * t_global) / (n_c + k)``: a class with many positives keeps
+    its own cut, one with a handful mostly takes the global threshold, with no hard cut-off.
+    On 678 real photos (out-of-fold scores, 3 seeds) k = 3..10 scored as well as or slightly
+    better than a hard fallback below 5 positives, and 0.01 course F1 above one global threshold.
+    """
+    y = np.asarray(targets).astype(bool)
+    g = best_global_threshold(y, probs)[0]
+    raw = per_class_thresholds(y, probs, min_positives=1, fallback=g)
+    n = y.sum(0)
+    return (n * raw + k * g) / (n + k)
+
+
+def repeated_halves_f1(targets: np.ndarray, probs: np.ndarray, shrink: float = 10.0, repeats: int = 10,
+                       seed: int = 0, at_least_one: bool = True) -> tuple[float, float]:
+    """Course F1 of :func:`shrunk_thresholds` tuned on a random half and scored on the other half.
+
+    ``(mean, sd)`` over ``repeats`` random halves: choosing a model (or the ensemble) on one
+    partition of a few dozen images follows its noise; averaging over many partitions of the
+    out-of-fold scores of the whole training part does not.
+    """
+    y = np.asarray(targets).astype(bool)
+    rng = np.random.default_rng(seed)
+    scores = []
+    for _ in range(repeats):
+        half = rng.permutation(len(y)) < len(y) // 2
+        for tune, score in ((half, ~half), (~half, half)):
+            t = shrunk_thresholds(y[tune], probs[tune], shrink)
+            scores.append(course_f1(y[score], apply_thresholds(probs[score], t, at_least_one))["f1"])
+    return float(np.mean(scores)), float(np.std(scores))
+
+
 def _counts(y: np.ndarray, pred: np.ndarray):
     y, pred = y.astype(bool), pred.astype(bool)
     return (y & pred).sum(0), (~y & pred).sum(0), y.sum(0)

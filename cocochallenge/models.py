@@ -81,17 +81,19 @@ class MultiLabelNet(nn.Module):
 
 def make_head(dim: int, kind: str = "mlp", dropout: float = 0.2, hidden: int = 1280,
               num_classes: int = NUM_CLASSES) -> nn.Sequential:
-    """``linear`` or the course's MLP head (Linear, Hardswish, Dropout, Linear).
+    """The course's MLP head (Linear, Hardswish, Dropout, Linear), ``linear``, or ``logistic``.
 
     The MLP head measured better than a linear one on frozen features in public work; the
     last layer is always ``head[-1]`` so its bias can be set to the class log-odds.
     """
     if kind == "linear":
         return nn.Sequential(nn.Dropout(dropout), nn.Linear(dim, num_classes))
+    if kind == "logistic":                   # fitted in one go by training.fit_logistic
+        return nn.Sequential(nn.Linear(dim, num_classes))
     if kind == "mlp":
         return nn.Sequential(nn.Linear(dim, hidden), nn.Hardswish(), nn.Dropout(dropout),
                              nn.Linear(hidden, num_classes))
-    raise ValueError(f"unknown head {kind!r}: 'linear' or 'mlp'")
+    raise ValueError(f"unknown head {kind!r}: 'mlp', 'linear' or 'logistic'")
 
 
 def weights_cache_dir() -> Path:

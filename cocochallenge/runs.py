@@ -15,7 +15,8 @@ import numpy as np
 
 from .config import environment_report
 from .files import StaleRunError, atomic_path, differences, load_json, save_json, save_npz, stale_message
-from .metrics import tune_thresholds
+from .metrics import (best_global_threshold, evaluate_predictions, repeated_halves_f1, shrunk_thresholds,
+                      tune_thresholds)
 from .training import predict
 
 
@@ -67,13 +68,20 @@ def load_scores(run_dir: Path | str, name: str, split: str = "val") -> dict:
 
 
 def compare_models(run_dir: Path | str, names: list[str], tta: bool = True,
-                   min_positives: int = 5, at_least_one: bool = True) -> tuple:
+                   min_positives: int = 5, at_least_one: bool = True, shrink: float = 10.0) -> tuple:
     """The results table (one row per model, plus the ensemble) and the tuned thresholds.
 
-    The ensemble averages the models' probabilities and tunes its own thresholds. Returns
-    ``(DataFrame, details)`` where ``details[name]`` holds the thresholds and the validation
-    and test probabilities the table was computed from. Also writes ``results.csv`` and
-    ``thresholds.json`` to the run folder for the analysis notebook.
+    The ensemble averages the models' probabilities and tunes its own thresholds. Columns
+    ``f1_per_class`` (and the global ones) are in-sample: tuned and scored on the validation
+    images; ``f1_per_class_heldout`` holds out half of them. When every model saved
+    out-of-fold scores of its training images (``train_oof.npz``, the logistic head), the
+    thresholds come from those instead (per class, shrunk toward the global one by ``shrink``
+    positives); ``f1_oof_halves`` is the course F1 of such thresholds tuned on a random half
+    of the out-of-fold scores and scored on the other (mean of 10 partitions: it picks the
+    submission), and ``f1_oof_thresholds`` scores the thresholds of all of them on the whole
+    validation split, which they never saw. Returns ``(DataFrame, details)``
+    where ``details[name]`` holds the thresholds and the validation and test probabilities
+    the table was computed from. Also writes ``results.csv`` and ``thresholds.json``.
     """
     import pandas as pd
     run_dir = Path(run_dir)
@@ -84,6 +92,11 @@ def compare_models(run_dir: Path | str, names: list[str], tta: bool = True,
         res = load_json(run_dir / "models" / name / "result.json")
         details[name] = {"val": val[key], "test": test[key], "targets": val["targets"], "val_stems": val["stems"],
                          "test_stems": test["stems"], "result": res}
+        oof = run_dir / "models" / name / "train_oof.npz"
+        if oof.exists():
+            with np.load(oof) as z:
+                details[name]["oof"], details[name]["oof_targets"] = z["probs"], z["targets"]
+    use_oof = all("oof" in details[n] for n in names)
     for name in names[1:]:                   # an ensemble of models validated on other images is meaningless
         if not np.array_equal(details[name]["val_stems"], details[names[0]]["val_stems"]):
             raise StaleRunError(f"{name} and {names[0]} were validated on different images: their scores "
@@ -94,6 +107,8 @@ def compare_models(run_dir: Path | str, names: list[str], tta: bool = True,
             "val": np.mean([details[n]["val"] for n in names], axis=0),
             "test": np.mean([details[n]["test"] for n in names], axis=0),
             "targets": first["targets"], "test_stems": first["test_stems"],
+            **({"oof": np.mean([details[n]["oof"] for n in names], axis=0), "oof_targets": first["oof_targets"]}
+               if use_oof else {}),
             "result": {"train_seconds": sum(details[n]["result"]["train_seconds"] for n in names),
                        "parameters": sum(details[n]["result"]["parameters"] for n in names)}}
     thresholds = {}
@@ -101,8 +116,16 @@ def compare_models(run_dir: Path | str, names: list[str], tta: bool = True,
         t = tune_thresholds(d["targets"], d["val"], min_positives, at_least_one)
         d["thresholds"] = t["per_class"]
         d["global_threshold"] = t["global_threshold"]
-        thresholds[name] = {"global": t["global_threshold"], "per_class": t["per_class"].tolist(),
-                            "at_least_one": at_least_one, "tta": tta}
+        if use_oof:                            # thresholds from the training images' out-of-fold scores
+            d["thresholds"] = shrunk_thresholds(d["oof_targets"], d["oof"], shrink)
+            d["global_threshold"] = best_global_threshold(d["oof_targets"], d["oof"])[0]
+            m = evaluate_predictions(d["targets"], d["val"], d["thresholds"], at_least_one)
+            halves, halves_sd = repeated_halves_f1(d["oof_targets"], d["oof"], shrink, at_least_one=at_least_one)
+            t = {**t, "f1_oof_halves": halves, "f1_oof_halves_sd": halves_sd,
+                 "f1_oof_thresholds": m["course_f1"], "macro_f1_oof_thresholds": m["macro_f1"]}
+        thresholds[name] = {"global": d["global_threshold"], "per_class": d["thresholds"].tolist(),
+                            "at_least_one": at_least_one, "tta": tta,
+                            "source": "out-of-fold training scores" if use_oof else "validation"}
         rows.append({"model": name, **{k: v for k, v in t.items() if k != "per_class"},
                      "train_minutes": d["result"]["train_seconds"] / 60,
                      "parameters_M": d["result"]["parameters"] / 1e6})
@@ -119,7 +142,7 @@ def compare_models(run_dir: Path | str, names: list[str], tta: bool = True,
 #: Settings that change what a backbone's training produces. Any difference makes its
 #: checkpoints, features and scores stale. Everything else (thresholds, TTA, the top-1
 #: guarantee, the ensemble, progress bars, workers) acts after training and reuses the models.
-TRAINING_SETTINGS = ("img_size", "pad", "head", "dropout", "loss", "lr_head", "lr_finetune",
+TRAINING_SETTINGS = ("img_size", "pad", "head", "logistic_c", "dropout", "loss", "lr_head", "lr_finetune",
                      "backbone_lr_factor", "weight_decay", "epochs_frozen", "epochs_finetune",
                      "batch_size", "augment", "freeze_bn", "seed")
 

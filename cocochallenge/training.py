@@ -252,3 +252,59 @@ def log_scalars(writer, phase: str, step: int, train: dict, val: dict) -> None:
             if isinstance(d.get(k), (int, float)):
                 name = "course_f1" if k == "f1" else k
                 writer.add_scalar(f"{phase}/{prefix}_{name}", d[k], step)
+
+
+# ---- The offline CPU recipe: a logistic-regression head fitted in one go ---------------------
+def fit_logistic(feats: torch.Tensor, targets, C: float = 0.1, max_iter: int = 100) -> nn.Linear:
+    """L2-regularised logistic regression for the 80 classes on frozen features, as an ``nn.Linear``.
+
+    On a CPU the frozen features of three EfficientNet-Lite backbones are the best use of a
+    few minutes, and a convex fit needs no epochs, no learning rate and no early stopping:
+    the features are z-scored (training rows' mean and std), the loss is the summed BCE plus
+    ``0.5 * |W|^2 / C``, the bias starts at the class log-odds, and L-BFGS minimises it in
+    float32. The z-scoring is folded into the returned layer, which then takes raw features
+    like any head. Measured on 678 real COCO photos (3 seeds of 5-fold CV): C 0.03-0.3 within
+    0.01 course F1 of each other.
+    """
+    x = feats.float()
+    y = torch.as_tensor(np.asarray(targets), dtype=torch.float32)
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    z = (x - mean) / std
+    prior = y.mean(0).clamp(1e-3, 1 - 1e-3)
+    w = torch.zeros(x.shape[1], y.shape[1], requires_grad=True)
+    b = torch.log(prior / (1 - prior)).clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, history_size=10, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-5, tolerance_change=1e-7)
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.binary_cross_entropy_with_logits(z @ w + b, y, reduction="sum") \
+            + 0.5 * (w * w).sum() / C
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    layer = nn.Linear(x.shape[1], y.shape[1])
+    with torch.no_grad():
+        layer.weight.copy_((w / std[:, None]).T)
+        layer.bias.copy_(b - (mean / std) @ w)
+    return layer
+
+
+def out_of_fold_probs(feats: torch.Tensor, targets, C: float = 0.1, folds: int = 5, seed: int = 0) -> np.ndarray:
+    """Probabilities of every training row from a :func:`fit_logistic` that never saw it.
+
+    Thresholds tuned on these out-of-fold scores of the whole training part (instead of the
+    10% validation split) hold out what they tune, and leave the validation split to measure
+    them. Folds are multi-label stratified, like the split.
+    """
+    from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
+    y = np.asarray(targets)
+    out = np.zeros(y.shape, dtype=np.float32)
+    kfold = MultilabelStratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    for tr, te in kfold.split(np.zeros(len(y)), y):
+        layer = fit_logistic(feats[tr], y[tr], C)
+        with torch.no_grad():
+            out[te] = torch.sigmoid(layer(feats[te].float())).numpy()
+    return out

@@ -89,3 +89,14 @@ def test_notebooks_store_the_kernel_name_jupyterlab_writes():
         spec = json.loads((ROOT / name).read_text())["metadata"]["kernelspec"]
         assert spec == run.KERNELSPEC == {"display_name": "Python 3 (ipykernel)", "language": "python",
                                           "name": "python3"}, name
+
+
+def test_run_py_takes_the_cpu_recipe_only_without_gpu_and_backbones(monkeypatch):
+    import run
+    monkeypatch.delenv("COCO_BACKBONES", raising=False)
+    assert run.uses_cpu_recipe(None, cuda=False)
+    assert not run.uses_cpu_recipe(None, cuda=True)                 # a GPU runs the notebook's defaults
+    assert not run.uses_cpu_recipe("efficientnet_lite0", cuda=False)
+    monkeypatch.setenv("COCO_BACKBONES", "resnet50")
+    assert not run.uses_cpu_recipe(None, cuda=False)
+    assert run.CPU_RECIPE["COCO_HEAD"] == "logistic" and run.CPU_RECIPE["COCO_EPOCHS_FINETUNE"] == "0"

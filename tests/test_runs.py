@@ -1,4 +1,5 @@
 """A run folder never mixes settings: each stale artifact is found before any training (issue 10)."""
+import json
 import os
 import stat
 
@@ -8,7 +9,7 @@ import torch
 
 from cocochallenge import config, demo, files, metrics, runs, split, training
 
-CFG = {"img_size": 64, "pad": True, "head": "mlp", "dropout": 0.2, "loss": "bce", "lr_head": 1e-3,
+CFG = {"img_size": 64, "pad": True, "head": "mlp", "logistic_c": 0.1, "dropout": 0.2, "loss": "bce", "lr_head": 1e-3,
        "lr_finetune": 3e-4, "backbone_lr_factor": 0.1, "weight_decay": 1e-4, "epochs_frozen": 2,
        "epochs_finetune": 1, "batch_size": 16, "augment": "trivial", "freeze_bn": True, "seed": 0,
        "tta": True, "at_least_one": True}
@@ -176,3 +177,50 @@ def test_repair_split_guarantees_both_sides_or_reports():
     assert both[Y.sum(0) >= 2].all() and left == []
     stuck = np.zeros(60, np.int8)
     assert split.repair_split(Y, stuck, max_passes=0) != []        # nothing moved: reported, not hidden
+
+
+def test_logistic_head_folds_the_standardisation_and_oof_never_sees_its_rows():
+    torch.manual_seed(0)
+    x = torch.randn(300, 64) * 5 + 3                     # unscaled features: z-scoring matters
+    w = torch.randn(64, 80) * 0.3
+    y = (torch.sigmoid((x - 3) / 5 @ w - 2) > torch.rand(300, 80)).numpy().astype(np.uint8)
+    layer = training.fit_logistic(x[:200], y[:200], C=0.1)
+    assert isinstance(layer, torch.nn.Linear) and layer.weight.shape == (80, 64)
+    with torch.no_grad():
+        p = torch.sigmoid(layer(x[200:])).numpy()
+    assert metrics.mean_average_precision(y[200:], p) > 0.5
+    oof = training.out_of_fold_probs(x[:200], y[:200], C=0.1, folds=4, seed=0)
+    with torch.no_grad():
+        in_sample = torch.sigmoid(layer(x[:200])).numpy()
+    # scores of rows the fit never saw are worse than in-sample ones: they are out of fold
+    assert metrics.mean_average_precision(y[:200], oof) < metrics.mean_average_precision(y[:200], in_sample)
+    t = metrics.shrunk_thresholds(y[:200], oof, k=10)
+    g = metrics.best_global_threshold(y[:200], oof)[0]
+    raw = metrics.per_class_thresholds(y[:200], oof, min_positives=1, fallback=g)
+    n = y[:200].sum(0)
+    assert np.allclose(t, (n * raw + 10 * g) / (n + 10))
+    assert (np.abs(t - g) <= np.abs(raw - g) + 1e-12).all()           # never further from the global one
+
+
+def test_thresholds_come_from_out_of_fold_scores_when_every_model_has_them(tmp_path):
+    rng = np.random.default_rng(0)
+    y_val = (rng.random((40, 80)) < 0.1).astype(np.uint8)
+    y_tr = (rng.random((100, 80)) < 0.1).astype(np.uint8)
+    for name in ("a", "b"):
+        folder = tmp_path / "models" / name
+        p = np.clip(y_val * 0.6 + rng.random((40, 80)) * 0.5, 0, 1).astype(np.float32)
+        files.save_npz(folder / "val_scores.npz", probs=p, probs_tta=p, targets=y_val, stems=np.arange(40).astype(str))
+        files.save_npz(folder / "test_scores.npz", probs=p[:5], probs_tta=p[:5], stems=np.arange(5).astype(str))
+        files.save_npz(folder / "train_oof.npz", probs=np.clip(y_tr * 0.5 + rng.random((100, 80)) * 0.5, 0, 1),
+                       targets=y_tr)
+        files.save_json({"train_seconds": 1, "parameters": 1}, folder / "result.json")
+    table, details = runs.compare_models(tmp_path, ["a", "b"], tta=False, shrink=10)
+    assert "f1_oof_thresholds" in table and set(table.index) == {"a", "b", "ensemble"}
+    ens_oof = (details["a"]["oof"] + details["b"]["oof"]) / 2
+    assert np.allclose(details["ensemble"]["thresholds"], metrics.shrunk_thresholds(y_tr, ens_oof, 10))
+    saved = json.loads((tmp_path / "thresholds.json").read_text())
+    assert saved["a"]["source"] == "out-of-fold training scores"
+    (tmp_path / "models/b/train_oof.npz").unlink()       # one model without: validation thresholds for all
+    table, _ = runs.compare_models(tmp_path, ["a", "b"], tta=False)
+    assert "f1_oof_thresholds" not in table
+    assert json.loads((tmp_path / "thresholds.json").read_text())["a"]["source"] == "validation"

