@@ -164,8 +164,11 @@ def per_class_thresholds(targets: np.ndarray, probs: np.ndarray, min_positives: 
             continue
         precision, recall, cuts = precision_recall_curve(y[:, c], probs[:, c])
         precision, recall = precision[:-1], recall[:-1]        # the last pair has no cut
-        with np.errstate(divide="ignore", invalid="ignore"):
-            f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+        pos = int(y[:, c].sum())
+        tp = np.rint(recall * pos)                               # back to counts: equal F1s then
+        with np.errstate(divide="ignore", invalid="ignore"):    # compare exactly (2PR/(P+R) rounds)
+            predicted = np.where(precision > 0, np.rint(tp / np.where(precision > 0, precision, 1)), 0)
+        f1 = 2 * tp / (predicted + pos)
         j = len(f1) - 1 - int(np.argmax(f1[::-1]))           # predicted: score >= cuts[j]
         below = probs[:, c][probs[:, c] < cuts[j]]
         cut = (below.max() + cuts[j]) / 2 if len(below) else cuts[j] - 1e-6

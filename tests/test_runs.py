@@ -224,3 +224,15 @@ def test_thresholds_come_from_out_of_fold_scores_when_every_model_has_them(tmp_p
     table, _ = runs.compare_models(tmp_path, ["a", "b"], tta=False)
     assert "f1_oof_thresholds" not in table
     assert json.loads((tmp_path / "thresholds.json").read_text())["a"]["source"] == "validation"
+
+
+def test_equal_f1_cuts_keep_the_highest_threshold():
+    """Among cuts with the same F1 the highest wins (fewest predictions), compared exactly on counts:
+    here F1 = 6/9 after 0.494 and 8/12 after 0.161, which 2PR/(P+R) rounds apart."""
+    scores = [0.717, 0.383, 0.161, 0.606, 0.05, 0.494, 0.828, 0.272, 0.939]
+    labels = [1, 0, 1, 0, 0, 1, 1, 0, 0]
+    probs = np.zeros((9, 80))
+    y = np.zeros((9, 80), np.uint8)
+    probs[:, 0], y[:, 0] = scores, labels
+    t = metrics.per_class_thresholds(y, probs, min_positives=1)
+    assert t[0] == pytest.approx((0.494 + 0.383) / 2)

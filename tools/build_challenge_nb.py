@@ -382,8 +382,20 @@ runs.prepare_run_dir(cfg)                    # config.json: written once the fol
 pd.Series(status, name="status").to_frame()
 ''')
 md('''
-**The loop over backbones**: build, phase 1, phase 2, keep the better one, then save its
-validation and test probabilities (with flip TTA) for thresholds, the ensemble and the analysis.
+After training, the kept model's validation and test probabilities (plain and with flip TTA) are
+saved for thresholds, the ensemble and the analysis; `result.json`, written last, marks the
+backbone as finished.
+''')
+code('''
+def save_backbone(name, model, phase, frozen, tuned, loaders, seconds):
+    result = {"name": name, "best_phase": phase, "best_val_mAP": max(frozen.best, tuned.best if tuned else -1),
+              "train_seconds": seconds, "parameters": models.count_parameters(model)}
+    return runs.save_model_scores(model, run_dir / "models" / name, loaders["val"], loaders["test"], device, result,
+                                  frozen.history + (tuned.history if tuned else []), amp_dtype=amp_dtype,
+                                  channels_last=CHANNELS_LAST, show_progress=PROGRESS)
+''')
+md('''
+**The loop over backbones**: build, phase 1, phase 2, keep the better one, save its scores.
 ''')
 code('''
 results = {}
@@ -394,18 +406,14 @@ for name in BACKBONES:
         continue
     files.save_json(settings[name], out / "settings.json")
     t0 = time.perf_counter(); config.seed_everything(SEED)
-    model, pre = models.build_model(name, head=HEAD, dropout=DROPOUT, prior=y_train.mean(0))
-    loaders = loaders_for(models.preprocess_for(name, IMG_SIZE))
+    model, _ = models.build_model(name, head=HEAD, dropout=DROPOUT, prior=y_train.mean(0))
     model.to(device, memory_format=torch.channels_last if CHANNELS_LAST else torch.preserve_format)
+    loaders = loaders_for(models.preprocess_for(name, IMG_SIZE))
     with SummaryWriter(str(run_dir / "tensorboard" / name)) as writer:
         frozen = train_frozen(model, name, out, loaders, writer)
         tuned = fine_tune(model, name, out, loaders, writer) if EPOCHS_FINETUNE > 0 else None
     model, phase = keep_best(model, name, frozen, tuned)
-    result = {"name": name, "best_phase": phase, "best_val_mAP": max(frozen.best, tuned.best if tuned else -1),
-              "train_seconds": time.perf_counter() - t0, "parameters": models.count_parameters(model)}
-    results[name] = runs.save_model_scores(model, out, loaders["val"], loaders["test"], device, result,
-                                           frozen.history + (tuned.history if tuned else []),
-                                           amp_dtype=amp_dtype, channels_last=CHANNELS_LAST, show_progress=PROGRESS)
+    results[name] = save_backbone(name, model, phase, frozen, tuned, loaders, time.perf_counter() - t0)
     del model, loaders
 pd.DataFrame(results).T[["best_phase", "best_val_mAP", "train_seconds", "parameters"]]
 ''')
