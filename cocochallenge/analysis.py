@@ -352,3 +352,21 @@ def label_count_table(targets: np.ndarray, pred: np.ndarray, cap: int = 10) -> "
     full = range(0, int(max(t.max(initial=0), p.max(initial=0))) + 1)
     return table.reindex(index=full, columns=full, fill_value=0)
 
+
+
+def points_lost(report: "pd.DataFrame") -> "pd.DataFrame":
+    """Per class: its weight in the course metric and what it costs in precision and in recall.
+
+    The course precision and recall are class averages weighted by 1/positives (classes with
+    validation positives only), so ``weight * (1 - precision)`` and ``weight * (1 - recall)``
+    add up to 1 - P and 1 - R of the course metric: sorted by their sum, the costliest classes.
+    """
+    has = report["support"] > 0
+    w = np.where(has, 1.0 / report["support"].clip(lower=1), 0.0)
+    w = w / w.sum() if w.sum() > 0 else w
+    out = report[["class", "support", "precision", "recall"]].copy()
+    out["weight"] = w
+    out["lost precision"] = w * (1 - report["precision"])
+    out["lost recall"] = w * (1 - report["recall"])
+    out["lost total"] = out["lost precision"] + out["lost recall"]
+    return out[has].sort_values("lost total", ascending=False)

@@ -238,3 +238,15 @@ def test_every_figure_draws_and_saves(run_dir):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
         plt.close(fig)
     assert not (run_dir / "training_curves.png").exists()    # save=False writes nothing
+
+
+def test_points_lost_add_up_to_the_course_metric():
+    rng = np.random.default_rng(4)
+    y = (rng.random((120, 80)) < 0.08).astype(np.uint8)
+    p = np.clip(y * 0.4 + rng.random((120, 80)) * 0.6, 0, 1)
+    rep = metrics.per_class_table(y, p, 0.5)
+    lost = analysis.points_lost(rep)
+    ref = metrics.course_f1(y, p > 0.5)
+    assert lost["lost precision"].sum() == pytest.approx(1 - ref["precision"], abs=1e-9)
+    assert lost["lost recall"].sum() == pytest.approx(1 - ref["recall"], abs=1e-9)
+    assert lost["lost total"].is_monotonic_decreasing and (lost["support"] > 0).all()
