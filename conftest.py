@@ -17,4 +17,4 @@ for _key, _value in DEMO_DEFAULTS.items():
     os.environ.setdefault(_key, _value)
 os.environ["COCO_RUN_DIR"] = os.environ.get("COCO_NBVAL_RUN_DIR", str(_DIR / "run"))
 os.environ.setdefault("COCO_HEADLESS", "1")
-os.environ.setdefault("MPLBACKEND", "Agg")
+os.environ.pop("MPLBACKEND", None)          # kernels draw inline, as in the committed run

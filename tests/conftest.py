@@ -6,7 +6,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-os.environ.setdefault("MPLBACKEND", "Agg")
 
 #: Real COCO photos in the challenge layout, beside the checkout (absent: those tests skip).
 REAL = Path(os.environ.get("COCO_REAL_DEV", ROOT.parent / "shared" / "real-coco-dev"))

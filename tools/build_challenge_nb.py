@@ -484,8 +484,8 @@ path = submission.write_submission(sub, run_dir / "submission.json", paths["test
 assert len(sub) == len(test_set) and set(sub) == set(test_set.stems)
 assert all(len(v) >= 1 for v in sub.values()) or not AT_LEAST_ONE
 print(f"submission: {files.shown_path(path)}: {len(sub)} test images, each once")
-files.save_json({"chosen": best, "submission": str(path), "data_root": str(data_root), "demo": is_demo},
-                run_dir / "summary.json");
+summary = files.save_json({"chosen": best, "submission": str(path), "data_root": str(data_root),
+                           "demo": is_demo}, run_dir / "summary.json")
 ''')
 md('''
 When answers for the test images exist (only for demo data or the real-photo check set, never for
