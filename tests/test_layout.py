@@ -100,3 +100,22 @@ def test_run_py_takes_the_cpu_recipe_only_without_gpu_and_backbones(monkeypatch)
     monkeypatch.setenv("COCO_BACKBONES", "resnet50")
     assert not run.uses_cpu_recipe(None, cuda=False)
     assert run.CPU_RECIPE["COCO_HEAD"] == "logistic" and run.CPU_RECIPE["COCO_EPOCHS_FINETUNE"] == "0"
+
+
+def test_tensorboard_is_found_beside_the_kernels_python(monkeypatch):
+    """JupyterLab started as .venv/bin/jupyter lab has no .venv/bin on PATH: the cell must not need it."""
+    import sys
+
+    from cocochallenge import config
+    monkeypatch.setenv("PATH", "/nonexistent")
+    found = Path(config.tensorboard_binary())
+    beside = Path(sys.executable).parent / "tensorboard"
+    assert found == beside if beside.exists() else found.name == "tensorboard"
+
+
+def test_epoch_line_fits_a_jupyterlab_cell():
+    from cocochallenge import checkpoints
+    row = checkpoints.epoch_row("finetune", 11, 20, 1234.5, {"loss": 0.123456, "f1": 0.5},
+                                {"loss": 0.123456, "f1": 0.56789, "mAP": 0.61234})
+    line = checkpoints.epoch_line(row, 20, True)
+    assert len(line) <= 90 and line.endswith("*best") and "12/20" in line
