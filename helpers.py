@@ -201,7 +201,7 @@ def update_graphs(summary_writer, epoch, train_results, test_results,
     """The course's TensorBoard logging: train against validation loss, accuracy, F1, P, R.
 
     ``train_results`` and ``test_results`` are dicts with ``loss``, ``accuracy``, ``f1``,
-    ``precision`` and ``recall`` (what :func:`validation_loop` and :func:`train_one_epoch`
+    ``precision`` and ``recall`` (what :func:`validation_loop` and :func:`train_loop`
     return). Per-class curves are written when both per-class lists are given.
     """
     step = (epoch + 1) if not mbatch_group > 0 else (epoch + 1) * mbatch_count

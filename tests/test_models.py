@@ -62,7 +62,7 @@ def test_missing_torchvision_weights_say_what_to_do(monkeypatch, tmp_path):
 
 def test_lite0_weights_load_strictly():
     model, _ = models.build_model("efficientnet_lite0", pretrained=True)
-    src = torch.load(models.lite0_weights_path(), map_location="cpu", weights_only=True)
+    src = torch.load(models.lite_weights_path("efficientnet_lite0"), map_location="cpu", weights_only=True)
     mapped = models.map_lite0_state_dict(src, model.backbone)
     assert set(mapped) == set(model.backbone.state_dict())
     assert torch.equal(model.backbone.conv_stem.weight, src["_conv_stem.weight"])
