@@ -54,6 +54,12 @@ def main() -> int:
     plain_loader = transforms.make_loader(subset, 64, False, dev, workers=0)
     ref = training.predict(model, plain_loader, dev, tta_flip=True, stacked=False, show_progress=False)
 
+    def close_to_ref(out, tol, key="probs_tta") -> float:
+        """Largest difference from the plain float32 predictions; fails above ``tol``."""
+        d = float(np.abs(out[key] - ref[key]).max())
+        assert d < tol, d
+        return d
+
     @check("amp_settings: bfloat16, no scaler")
     def _():
         amp, scaler = training.amp_settings(dev, True)
@@ -64,25 +70,19 @@ def main() -> int:
     def _():
         out = training.predict(model, plain_loader, dev, tta_flip=True, amp_dtype=torch.bfloat16,
                                channels_last=True, show_progress=False)
-        d = float(np.abs(out["probs_tta"] - ref["probs_tta"]).max())
-        assert d < 0.03, d
-        return f"max |diff| {d:.4f}"
+        return f"max |diff| {close_to_ref(out, 0.03):.4f}"
 
     @check("stacked flip-TTA batch vs two calls (atol 1e-4)")
     def _():
         out = training.predict(model, plain_loader, dev, tta_flip=True, stacked=True, show_progress=False)
-        d = float(np.abs(out["probs_tta"] - ref["probs_tta"]).max())
-        assert d < 1e-4, d
-        return f"max |diff| {d:.2e}"
+        return f"max |diff| {close_to_ref(out, 1e-4):.2e}"
 
     @check("GPU loader (8 workers, pinned, persistent) vs workers=0")
     def _():
         loader = transforms.make_loader(subset, 64, False, dev)
         assert loader.num_workers > 0 and loader.pin_memory and loader.persistent_workers
         out = training.predict(model, loader, dev, tta_flip=True, stacked=False, show_progress=False)
-        d = float(np.abs(out["probs_tta"] - ref["probs_tta"]).max())
-        assert d < 1e-5, d
-        return f"max |diff| {d:.2e}, {loader.num_workers} workers"
+        return f"max |diff| {close_to_ref(out, 1e-5):.2e}, {loader.num_workers} workers"
 
     @check("train_loop: bf16 + fused AdamW + channels-last, 2 epochs")
     def _():
@@ -104,9 +104,7 @@ def main() -> int:
     def _():
         compiled = torch.compile(model)
         out = training.predict(compiled, plain_loader, dev, show_progress=False)
-        d = float(np.abs(out["probs"] - ref["probs"]).max())
-        assert d < 1e-3, d
-        return f"max |diff| {d:.2e}"
+        return f"max |diff| {close_to_ref(out, 1e-3, key='probs'):.2e}"
 
     def command(name, args, env=None, timeout=240):
         @check(name)
