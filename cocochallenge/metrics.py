@@ -176,7 +176,8 @@ def per_class_thresholds(targets: np.ndarray, probs: np.ndarray, min_positives: 
     return out
 
 
-def shrunk_thresholds(targets: np.ndarray, probs: np.ndarray, k: float = 10.0) -> np.ndarray:
+def shrunk_thresholds(targets: np.ndarray, probs: np.ndarray, k: float = 10.0,
+                      global_threshold: float | None = None) -> np.ndarray:
     """Per-class thresholds pulled toward the global one by how few positives each class has.
 
     ``t_c = (n_c * t_c_raw + k * t_global) / (n_c + k)``: a class with many positives keeps
@@ -185,7 +186,7 @@ def shrunk_thresholds(targets: np.ndarray, probs: np.ndarray, k: float = 10.0) -
     better than a hard fallback below 5 positives, and 0.01 course F1 above one global threshold.
     """
     y = np.asarray(targets).astype(bool)
-    g = best_global_threshold(y, probs)[0]
+    g = best_global_threshold(y, probs)[0] if global_threshold is None else global_threshold
     raw = per_class_thresholds(y, probs, min_positives=1, fallback=g)
     n = y.sum(0)
     return (n * raw + k * g) / (n + k)

@@ -117,8 +117,8 @@ def compare_models(run_dir: Path | str, names: list[str], tta: bool = True,
         d["thresholds"] = t["per_class"]
         d["global_threshold"] = t["global_threshold"]
         if use_oof:                            # thresholds from the training images' out-of-fold scores
-            d["thresholds"] = shrunk_thresholds(d["oof_targets"], d["oof"], shrink)
             d["global_threshold"] = best_global_threshold(d["oof_targets"], d["oof"])[0]
+            d["thresholds"] = shrunk_thresholds(d["oof_targets"], d["oof"], shrink, d["global_threshold"])
             m = evaluate_predictions(d["targets"], d["val"], d["thresholds"], at_least_one)
             halves, halves_sd = repeated_halves_f1(d["oof_targets"], d["oof"], shrink, at_least_one=at_least_one)
             t = {**t, "f1_oof_halves": halves, "f1_oof_halves_sd": halves_sd,
