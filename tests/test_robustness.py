@@ -340,3 +340,19 @@ def test_notebook_stops_before_training_on_changed_settings(tmp_path, demo_root)
     assert json.loads((run_dir / "config.json").read_text())["tta"] is False
     out = run(COCO_LR_HEAD="0.01", COCO_RETRAIN="efficientnet_lite0")
     assert "FINISHED" in out.stdout and "moved aside" in out.stdout, out.stderr[-2000:]
+
+
+def test_notebook_logistic_head_fits_once_and_saves_out_of_fold_scores(tmp_path, demo_root):
+    """The offline CPU recipe's path through the notebook's own cells: one fit, OOF scores saved."""
+    run_dir = tmp_path / "run"
+    d = _driver(tmp_path, demo_root, run_dir)
+    d["env"].update(COCO_HEAD="logistic", COCO_EPOCHS_FROZEN="1", COCO_EPOCHS_FINETUNE="0", COCO_TTA="0")
+    out = subprocess.run(**d, capture_output=True, text=True, timeout=600)
+    assert "FINISHED" in out.stdout and "frozen  1/1" in out.stdout, out.stderr[-2000:]
+    folder = run_dir / "models/efficientnet_lite0"
+    oof = np.load(folder / "train_oof.npz")
+    split = json.loads((run_dir / "split.json").read_text())
+    assert oof["probs"].shape == (len(split["train"]), 80) and oof["targets"].shape == oof["probs"].shape
+    assert json.loads((folder / "result.json").read_text())["best_phase"] == "frozen"
+    table, _ = runs.compare_models(run_dir, ["efficientnet_lite0"], tta=False)
+    assert "f1_oof_halves" in table
