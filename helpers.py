@@ -104,7 +104,7 @@ class COCOTestImageDataset(Dataset):
 
 def train_loop(train_loader, net, criterion, optimizer, device, mbatch_loss_group=-1, *,
                scheduler=None, amp_dtype=None, scaler=None, channels_last=False, show_progress=False,
-               desc="train"):
+               desc="train", ema=None):
     """The course's training epoch, completed for speed and for ``update_graphs``.
 
     As in the course: ``zero_grad``, forward, loss, ``backward``, ``step`` per mini-batch, and
@@ -113,7 +113,8 @@ def train_loop(train_loader, net, criterion, optimizer, device, mbatch_loss_grou
     the epoch (``loss``, ``accuracy``, ``f1``, ``precision``, ``recall`` at probability 0.5),
     summed on the device and read once: no ``.item()`` per batch, which would make a GPU wait
     for the CPU at every step. Completions: ``scheduler`` stepped per batch, autocast to
-    ``amp_dtype`` (with a ``scaler`` for float16), channels-last images, a progress bar.
+    ``amp_dtype`` (with a ``scaler`` for float16), channels-last images, a progress bar, and
+    an ``ema`` (timm's ``ModelEmaV3``, see ``training.make_ema``) updated after every step.
     """
     net.train()
     counts = EpochCounts(NUM_CLASSES, device)
@@ -125,6 +126,8 @@ def train_loop(train_loader, net, criterion, optimizer, device, mbatch_loss_grou
             outputs = net(inputs)
             loss = criterion(outputs.float(), labels)
         optimizer_step(loss, optimizer, scheduler, scaler)       # zero_grad, backward, step
+        if ema is not None:
+            ema.update(getattr(net, "_orig_mod", net))            # the module under torch.compile
         counts.add(outputs, labels, loss)
         if mbatch_loss_group > 0:
             running_loss += loss.item()

@@ -144,7 +144,7 @@ def compare_models(run_dir: Path | str, names: list[str], tta: bool = True,
 #: guarantee, the ensemble, progress bars, workers) acts after training and reuses the models.
 TRAINING_SETTINGS = ("img_size", "pad", "head", "logistic_c", "dropout", "loss", "lr_head", "lr_finetune",
                      "backbone_lr_factor", "weight_decay", "epochs_frozen", "epochs_finetune",
-                     "batch_size", "augment", "freeze_bn", "seed")
+                     "batch_size", "augment", "freeze_bn", "ema_epochs", "seed")
 
 
 def model_settings(name: str, cfg: dict, preprocess: dict, data_id: str, split_id: str,

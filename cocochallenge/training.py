@@ -70,6 +70,22 @@ def warmup_cosine(optimizer, total_steps: int, warmup_steps: int = 0):
     return SequentialLR(optimizer, [warm, cosine], milestones=[warmup_steps])
 
 
+def make_ema(model: nn.Module, steps_per_epoch: int, epochs: float):
+    """An exponential moving average of ``model``'s weights (timm's ``ModelEmaV3``), or None.
+
+    The average's span is given in epochs, not as a decay: ``decay = 1 - 1 / (epochs x
+    steps_per_epoch)``, so the same setting averages over the same share of training on 600
+    photos (a few dozen steps) and on 58,000 (a thousand steps per epoch), where a fixed decay
+    such as 0.9998 would average over five epochs on the course data and over nothing but the
+    starting weights on a small set. It starts from the model as it is (the frozen phase's
+    best head on the ImageNet backbone) and is evaluated beside the raw weights every epoch.
+    """
+    if epochs <= 0:
+        return None
+    from timm.utils import ModelEmaV3
+    return ModelEmaV3(model, decay=1.0 - 1.0 / max(1.0, epochs * steps_per_epoch))
+
+
 class EpochCounts:
     """Loss and course-metric counts of the training predictions, summed on the device.
 
@@ -241,13 +257,14 @@ def feature_loader(feats: torch.Tensor, targets, batch_size: int, shuffle: bool)
     return DataLoader(ds, sampler=BatchSampler(sampler, batch_size, drop_last=False), batch_size=None)
 
 
-def log_scalars(writer, phase: str, step: int, train: dict, val: dict) -> None:
+def log_scalars(writer, phase: str, step: int, train: dict, val: dict, ema: dict | None = None) -> None:
     """Plain per-phase TensorBoard tags (``frozen/train_loss``, ``finetune/val_mAP`` ...).
 
     The course's ``update_graphs`` draws train against validation in one chart per metric,
     which TensorBoard lists as one sub-run per line; these tags list as one run per backbone.
+    ``ema`` (the moving average's validation) adds ``<phase>/ema_*`` tags.
     """
-    for prefix, d in (("train", train), ("val", val)):
+    for prefix, d in (("train", train), ("val", val), ("ema", ema or {})):
         for k in ("loss", "f1", "precision", "recall", "mAP"):
             if isinstance(d.get(k), (int, float)):
                 name = "course_f1" if k == "f1" else k
