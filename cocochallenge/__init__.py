@@ -7,7 +7,7 @@ together with the pieces here. Modules import downward only, in this order::
     config, files            constants, environment settings, atomic files
     demo                     the offline demo dataset generator
     data, split, transforms  layout checks, labels, start-up scan, the split, loaders
-    models, losses           backbone registry and offline weights, heads, ASL
+    models, losses, budget   backbone registry and offline weights, heads, ASL, GPU hours
     metrics                  the leaderboard's F1, standard metrics, thresholds
     training, checkpoints    one epoch, one evaluation, cached features, resumable phases
     runs, submission, handin the run folder, model comparison, the JSON, the Moodle zip
