@@ -22,10 +22,16 @@ Recipe file: one recipe per line, ``name | member & member ... | ens=prob``, a m
   view  avg (mean of plain+flip features) | plain | tta (fit plain, predict mean prob of both)
         | aug (fit on both views as samples, predict mean prob of both)        [avg]
   std   none | z (standardise on the training part) | l2 | l2z                  [z]
-  head  logreg | linear | mlp                                                 [logreg]
+  head  logreg | linear | mlp | course (the package's MLP head: Linear->1280, Hardswish,
+        Dropout, Linear, as the course's notebook builds it)                  [logreg]
   C     logreg inverse L2 strength: a number, 'tune' (shared, by inner-OOF mAP), or
         'perclass' (per class by inner-OOF AP, shared best for rare classes)  [0.1]
-  loss  bce | asl (linear/mlp)   epochs, lr, wd, drop, hidden  (linear/mlp)
+  loss  bce | asl (linear/mlp/course)   epochs, lr, wd, drop, hidden, bs  (linear/mlp/course)
+  opt   adamw | adam (the course's; wd ignored)    sched  onecycle | none (constant lr)
+  prior 1 | 0: start the output bias at the class log-odds or at zero (the course's) [1]
+  split strat (multilabel-stratified outer and inner folds) | random (plain KFold, as a
+        random split does: classes can be missing from a fold)                [strat]
+Members of one recipe must share ``split``. Threshold rules: see ``thresholds``.
 """
 import argparse
 import csv
@@ -41,11 +47,14 @@ from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
 from sklearn.metrics import average_precision_score, f1_score
 
 from common import add_dir_argument, loadavg, work_dir
-from cocochallenge import losses, metrics as cm
+from sklearn.model_selection import KFold
+
+from cocochallenge import losses, metrics as cm, models
 
 C_GRID = [0.01, 0.03, 0.1, 0.3, 1.0]
 DEFAULTS = {"ms": "cat", "view": "avg", "std": "z", "head": "logreg", "C": "0.1", "loss": "bce",
-            "epochs": "100", "lr": "1e-3", "wd": "1e-4", "drop": "0.2", "hidden": "512", "bs": "64"}
+            "epochs": "100", "lr": "1e-3", "wd": "1e-4", "drop": "0.2", "hidden": "512", "bs": "64",
+            "opt": "adamw", "sched": "onecycle", "prior": "1", "split": "strat"}
 
 
 # ---------------------------------------------------------------------------- features
@@ -114,17 +123,24 @@ def fit_torch_head(X, Y, p, seed):
     drop = float(p["drop"])
     if p["head"] == "linear":
         net = nn.Sequential(nn.Dropout(drop), nn.Linear(d, C))
+    elif p["head"] == "course":
+        net = models.make_head(d, "mlp", dropout=drop, num_classes=C)
     else:
         net = nn.Sequential(nn.Dropout(drop), nn.Linear(d, int(p["hidden"])), nn.Hardswish(),
                             nn.Dropout(drop), nn.Linear(int(p["hidden"]), C))
-    with torch.no_grad():
-        net[-1].bias.copy_(torch.as_tensor(logodds(Y), dtype=torch.float32))
+    if p["prior"] == "1":
+        with torch.no_grad():
+            net[-1].bias.copy_(torch.as_tensor(logodds(Y), dtype=torch.float32))
     crit = losses.make_criterion(p["loss"])
-    opt = torch.optim.AdamW(net.parameters(), lr=float(p["lr"]), weight_decay=float(p["wd"]))
+    if p["opt"] == "adam":
+        opt = torch.optim.Adam(net.parameters(), lr=float(p["lr"]))
+    else:
+        opt = torch.optim.AdamW(net.parameters(), lr=float(p["lr"]), weight_decay=float(p["wd"]))
     Xt, Yt = torch.as_tensor(X), torch.as_tensor(Y, dtype=torch.float32)
     bs, n = int(p["bs"]), len(X)
     epochs = int(p["epochs"])
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=float(p["lr"]), total_steps=epochs * ((n + bs - 1) // bs))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=float(p["lr"]), total_steps=epochs * ((n + bs - 1) // bs)) \
+        if p["sched"] == "onecycle" else None
     g = torch.Generator().manual_seed(seed)
     net.train()
     for _ in range(epochs):
@@ -132,7 +148,9 @@ def fit_torch_head(X, Y, p, seed):
         for i in range(0, n, bs):
             idx = perm[i:i + bs]
             loss = crit(net(Xt[idx]), Yt[idx])
-            opt.zero_grad(); loss.backward(); opt.step(); sched.step()
+            opt.zero_grad(); loss.backward(); opt.step()
+            if sched is not None:
+                sched.step()
     net.eval()
 
     def predict(Z):
@@ -175,12 +193,16 @@ def class_ap(Y, P):
     return out
 
 
+def member_settings(spec: str) -> dict:
+    return dict(DEFAULTS, **dict(kv.split("=") for kv in spec.split(";")))
+
+
 def member_probs(spec: str, seed: int, folds, Y, inner_folds, feats: Path, probs: Path):
     """Held-out probs (N,80) and inner-OOF probs (K,N,80; NaN on the outer fold's rows), cached.
 
     The cache key covers the member's settings and the fold counts (the scratch version keyed
     on the settings only, so a run with other --folds/--inner could reuse stale probabilities)."""
-    p = dict(DEFAULTS, **dict(kv.split("=") for kv in spec.split(";")))
+    p = member_settings(spec)
     n_inner = len(next(iter(inner_folds.values())))
     key_items = sorted(p.items()) + [("folds", len(folds)), ("inner", n_inner)]
     key = hashlib.sha1(json.dumps(key_items).encode()).hexdigest()[:12]
@@ -226,9 +248,12 @@ def member_probs(spec: str, seed: int, folds, Y, inner_folds, feats: Path, probs
 # ---------------------------------------------------------------------------- thresholds
 def thresholds(rule: str, Y, P):
     """Threshold vector from the training part's OOF scores ``P``; rules:
-    fixed0.5 | global | perclass<m> (per-class F1-best, classes under m positives -> global)
+    raw0.5 (the course's: raw output > 0.5, i.e. probability > sigmoid(0.5) = 0.62)
+    | fixed0.5 | global | perclass<m> (per-class F1-best, classes under m positives -> global)
     | shrink<k> (per-class F1-best pulled toward the global one: (n t_c + k t_g)/(n + k))."""
     C = Y.shape[1]
+    if rule == "raw0.5":
+        return np.full(C, 1.0 / (1.0 + np.exp(-0.5)))
     if rule == "fixed0.5":
         return np.full(C, 0.5)
     if rule.startswith("shrink"):
@@ -270,13 +295,15 @@ def main():
     args.out = args.out or str(out / "results_per_seed.csv")
     Y = np.load(feats / "labels.npy").astype(np.int64)
     seeds = [int(s) for s in args.seeds.split(",")]
-    folds, inner = {}, {}
-    for s in seeds:
-        folds[s] = [(tr, te) for tr, te in MultilabelStratifiedKFold(args.folds, shuffle=True, random_state=s)
-                    .split(np.zeros(len(Y)), Y)]
-        for k, (tr, te) in enumerate(folds[s]):
-            inner[(s, k)] = list(MultilabelStratifiedKFold(args.inner, shuffle=True, random_state=1000 + s)
-                                 .split(np.zeros(len(tr)), Y[tr]))
+    folds, inner = {"strat": {}, "random": {}}, {"strat": {}, "random": {}}
+    kinds = {"strat": MultilabelStratifiedKFold, "random": KFold}
+    for kind, Splitter in kinds.items():
+        for s in seeds:
+            folds[kind][s] = [(tr, te) for tr, te in Splitter(args.folds, shuffle=True, random_state=s)
+                              .split(np.zeros(len(Y)), Y)]
+            for k, (tr, te) in enumerate(folds[kind][s]):
+                inner[kind][(s, k)] = list(Splitter(args.inner, shuffle=True, random_state=1000 + s)
+                                           .split(np.zeros(len(tr)), Y[tr]))
     recipes = []
     for line in Path(args.recipes).read_text().splitlines():
         if not line.strip() or line.startswith("#"):
@@ -289,9 +316,13 @@ def main():
     with open(args.out, "a", newline="") as fh:
         w = None
         for name, members, ens in recipes:
+            kind = {member_settings(m)["split"] for m in members}
+            if len(kind) != 1:
+                raise SystemExit(f"{name}: the members of an ensemble must share one split kind")
+            kind = kind.pop()
             for s in seeds:
                 la = loadavg()
-                outs = [member_probs(m, s, folds[s], Y, inner, feats, probs) for m in members]
+                outs = [member_probs(m, s, folds[kind][s], Y, inner[kind], feats, probs) for m in members]
                 fit_s = sum(o[2] for o in outs)
                 if ens == "logit":
                     lg = lambda a: np.log(np.clip(a, 1e-7, 1 - 1e-7) / (1 - np.clip(a, 1e-7, 1 - 1e-7)))
@@ -303,7 +334,7 @@ def main():
                     for top1 in (False, True):
                         pred = np.zeros_like(Y, dtype=bool)
                         fold_f1 = []
-                        for k, (tr, te) in enumerate(folds[s]):
+                        for k, (tr, te) in enumerate(folds[kind][s]):
                             t = thresholds(rule, Y[tr], oof[k, tr])
                             pred[te] = cm.apply_thresholds(val[te], t, at_least_one=top1)
                             fold_f1.append(cm.course_f1(Y[te], pred[te])["f1"])
