@@ -14,7 +14,7 @@ from .files import atomic_path, load_json
 from .submission import SubmissionError, validate_submission
 
 #: Files of the project packed beside the run (the library and how to run it).
-PROJECT_FILES = ("helpers.py", "run.py", "requirements.txt", "README.md")
+PROJECT_FILES = ("helpers.py", "run.py", "requirements.txt", "README.md", "tools/ablation/evidence.csv")
 #: Files of the run folder packed (with figures/*.png and tables/*.csv).
 RUN_FILES = ("submission.json", "results.csv", "thresholds.json", "config.json", "environment.json",
              "summary.json", "split.json")

@@ -38,19 +38,22 @@ def find_answers(data_root: Path | str) -> Path | None:
 
 
 def save_model_scores(model, out: Path | str, val_loader, test_loader, device, result: dict,
-                      history: list, **kwargs) -> dict:
+                      history: list, test_model=None, **kwargs) -> dict:
     """Validation and test probabilities of the kept model, plain and flip-TTA, then ``result.json``.
 
     These files are what thresholds, the ensemble, the analysis and the submission are made
     from. Both kinds of scores are always saved, so turning TTA on or off later needs no
-    retraining. ``result.json`` is written last: its presence marks the backbone as finished.
+    retraining. ``test_model`` (the refit on train + validation) scores the test images in
+    place of ``model``, whose validation scores stay out of sample. ``result.json`` is
+    written last: its presence marks the backbone as finished.
     """
     import time
     out = Path(out)
     t0 = time.perf_counter()
     val = predict(model, val_loader, device, tta_flip=True, desc="val (TTA)", **kwargs)
     val_seconds = time.perf_counter() - t0
-    test = predict(model, test_loader, device, tta_flip=True, desc="test (TTA)", **kwargs)
+    test = predict(test_model if test_model is not None else model, test_loader, device, tta_flip=True,
+                   desc="test (TTA)", **kwargs)
     save_npz(out / "val_scores.npz", probs=val["probs"], probs_tta=val["probs_tta"], targets=val["targets"],
              stems=np.array(val_loader.dataset.stems))
     save_npz(out / "test_scores.npz", probs=test["probs"], probs_tta=test["probs_tta"],
@@ -144,7 +147,7 @@ def compare_models(run_dir: Path | str, names: list[str], tta: bool = True,
 #: guarantee, the ensemble, progress bars, workers) acts after training and reuses the models.
 TRAINING_SETTINGS = ("img_size", "pad", "head", "logistic_c", "dropout", "loss", "lr_head", "lr_finetune",
                      "backbone_lr_factor", "weight_decay", "epochs_frozen", "epochs_finetune",
-                     "batch_size", "augment", "freeze_bn", "ema_epochs", "seed")
+                     "batch_size", "augment", "freeze_bn", "ema_epochs", "refit", "seed")
 
 
 def model_settings(name: str, cfg: dict, preprocess: dict, data_id: str, split_id: str,

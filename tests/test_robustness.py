@@ -356,3 +356,25 @@ def test_notebook_logistic_head_fits_once_and_saves_out_of_fold_scores(tmp_path,
     assert json.loads((folder / "result.json").read_text())["best_phase"] == "frozen"
     table, _ = runs.compare_models(run_dir, ["efficientnet_lite0"], tta=False)
     assert "f1_oof_halves" in table
+
+
+def test_notebook_refit_scores_the_test_images_with_a_model_of_train_and_validation(tmp_path, demo_root):
+    """REFIT: validation scores stay the split model's (out of sample), the test scores change."""
+    quick = {"COCO_EPOCHS_FROZEN": "2", "COCO_EPOCHS_FINETUNE": "1"}
+    folders = {}
+    for refit in ("0", "1"):
+        d = _driver(tmp_path, demo_root, tmp_path / f"refit{refit}")
+        d["env"].update(quick, COCO_REFIT=refit)
+        out = subprocess.run(**d, capture_output=True, text=True, timeout=600)
+        assert "FINISHED" in out.stdout, out.stderr[-2000:]
+        folders[refit] = tmp_path / f"refit{refit}" / "models/efficientnet_lite0"
+    result = json.loads((folders["1"] / "result.json").read_text())
+    assert result["refit"] is True and json.loads((folders["0"] / "result.json").read_text())["refit"] is False
+    frozen = torch.load(folders["1"] / "frozen_last.pt", weights_only=False)
+    refit_frozen = torch.load(folders["1"] / "refit/frozen_last.pt", weights_only=False)
+    assert len(refit_frozen["history"]) == frozen["best_epoch"]          # stopped at the chosen epoch
+    assert (folders["1"] / "refit/finetune_last.pt").exists() == result["best_phase"].startswith("finetune")
+    val = [np.load(f / "val_scores.npz")["probs_tta"] for f in folders.values()]
+    test = [np.load(f / "test_scores.npz")["probs_tta"] for f in folders.values()]
+    np.testing.assert_allclose(val[0], val[1], atol=1e-6)
+    assert np.abs(test[0] - test[1]).max() > 1e-3

@@ -49,12 +49,13 @@ import time
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
 import helpers as h
-from cocochallenge import (checkpoints, config, data, files, losses, metrics, models, plots, runs,
+from cocochallenge import (budget, checkpoints, config, data, files, losses, metrics, models, plots, runs,
                            split, submission, training, transforms)
 
 pd.set_option("display.precision", 4)
@@ -69,14 +70,18 @@ code('''
 DATA_ROOT = ""                  # challenge-layout folder; "" = the course's /home/jovyan/ms-coco, else demo data
 RUN_DIR = "runs/main"           # everything of this run is written here (checkpoints, scores, submission)
 BACKBONES = ["convnext_tiny", "efficientnet_v2_s", "mobilenet_v3_large"]   # registry names, see models.BACKBONES
+# projected GPU time of this default run on the course data, at reference rates (section 3):
+# convnext_tiny 0.18 h, efficientnet_v2_s 0.49 h, mobilenet_v3_large 0.07 h
 EPOCHS_FROZEN = 6               # phase 1: backbone frozen, only the head learns (on cached features: cheap)
-EPOCHS_FINETUNE = 8             # phase 2: everything learns, backbone at a lower learning rate
+EPOCHS_FINETUNE = 8             # phase 2: everything learns, backbone at a lower learning rate (58,000 images
+                                # at batch 64: 7,250 steps, the first epoch a warm-up)
 BATCH_SIZE = 64
 LR_HEAD = 1e-3                  # phase 1 learning rate (AdamW)
 LR_FINETUNE = 3e-4              # phase 2 learning rate of the head ...
 BACKBONE_LR_FACTOR = 0.1        # ... and the backbone's, as a fraction of it
 WEIGHT_DECAY = 1e-4
 FREEZE_BN = True                # fine-tuning keeps BatchNorm's ImageNet statistics (scale and shift still learn)
+EMA_EPOCHS = 1.0                # fine-tuning also keeps a moving average of the weights over ~1 epoch; 0 = off
 LOSS = "bce"                    # "bce" (the course's BCEWithLogitsLoss) or "asl" (asymmetric loss)
 HEAD = "mlp"                    # "mlp" (the course's head), "linear", or "logistic" (one convex fit, frozen only)
 LOGISTIC_C = 0.1                # inverse L2 strength of the "logistic" head (on z-scored features)
@@ -87,6 +92,7 @@ IMG_SIZE = 0                    # 0 = the input size of the backbone's weights
 VAL_FRACTION = 0.1
 SEED = 0
 RETRAIN = []                    # backbones to train again although this run folder has them; ["all"]: everything
+REFIT = False                   # then train each backbone again on train + validation for its chosen epochs (2x the time)
 DEVICE = "auto"                 # "auto", "cuda", "cpu"
 WORKERS = -1                    # DataLoader workers; -1 = chosen for the device
 AMP = True                      # mixed precision on CUDA (bfloat16 where supported)
@@ -130,6 +136,20 @@ print(f"mixed precision: {amp_dtype or 'off (float32)'}")
 if device.type == "cpu" and EPOCHS_FINETUNE > 0 and BATCH_SIZE > 32:
     print(f"note: fine-tuning at batch {BATCH_SIZE} on a CPU holds about 80 MB of activations per image "
           f"(Lite0, 224 px: 6 GB at batch 64); BATCH_SIZE = 32 keeps a run under 4 GB")
+''')
+md('''
+What these settings would cost on a GPU on the course data (58,000 training images), per backbone:
+projected from reference rates (timm's published training images/s on an RTX 3090 with mixed
+precision, scaled to each input size; the loader capped at 8 workers), not measured here.
+`python benchmark.py --device cuda` measures your GPU.
+''')
+code('''
+# NBVAL_CHECK_OUTPUT
+size_of = lambda name: models.preprocess_for(name, IMG_SIZE)["size"]
+hours = budget.projected_hours(BACKBONES, size_of, EPOCHS_FINETUNE, tta=TTA, ema=EMA_EPOCHS > 0)
+pd.DataFrame({"input px": {n: size_of(n) for n in BACKBONES},
+              "paced by": {n: budget.reference_rates(n, size_of(n))["bound"] for n in BACKBONES},
+              "projected GPU hours": {n: round(v, 2) for n, v in hours.items()}})
 ''')
 md('''
 ## 4. Data, class statistics and the split
@@ -227,7 +247,8 @@ def loaders_for(pre):
     return {"features": make(train_set.subset(train_idx, eval_t), False),
             "val": make(train_set.subset(val_idx, eval_t), False),
             "test": make(data.with_transform(test_set, eval_t), False),
-            "train": make(train_set.subset(train_idx, train_t), True)}
+            "train": make(train_set.subset(train_idx, train_t), True),
+            "train+val": make(train_set.subset(np.concatenate([train_idx, val_idx]), train_t), True)}
 ''')
 md('''
 ## 6. Loss, optimiser and schedule
@@ -273,19 +294,22 @@ resume), the best epoch by validation mAP (threshold-free: thresholds are tuned 
 Every generator is reseeded from `(SEED, epoch)`, so a resumed run draws the same batches.
 ''')
 code('''
-def run_phase(phase, epochs, net, train_loader, val_loader, optimizer, scheduler, ckpt, writer, offset=0):
-    amp = dict(amp_dtype=amp_dtype if phase == "finetune" else None, channels_last=CHANNELS_LAST)
+def run_phase(phase, epochs, net, train_loader, val_loader, optimizer, scheduler, ckpt, writer, offset=0, ema=None):
+    amp = dict(amp_dtype=amp_dtype if phase.endswith("finetune") else None, channels_last=CHANNELS_LAST)
+    validate = lambda m: h.validation_loop(val_loader, m, criterion, h.NUM_CLASSES, device, multi_label=True,
+                                           th_multi_label=0.0, one_hot=True, keep_outputs=True, **amp)  # logit 0 = p 0.5
     for epoch in range(ckpt.resume(), epochs):              # 0, or the epoch after the last saved one
         checkpoints.seed_epoch(SEED, epoch)
         t0 = time.perf_counter()
-        train_res = h.train_loop(train_loader, net, criterion, optimizer, device, scheduler=scheduler,
-                                 scaler=scaler if phase == "finetune" else None, show_progress=PROGRESS, **amp)
-        val_res = h.validation_loop(val_loader, net, criterion, h.NUM_CLASSES, device, multi_label=True,
-                                    th_multi_label=0.0, one_hot=True, keep_outputs=True, **amp)  # logit 0 = p 0.5
+        train_res = h.train_loop(train_loader, net, criterion, optimizer, device, scheduler=scheduler, ema=ema,
+                                 scaler=scaler if phase.endswith("finetune") else None, show_progress=PROGRESS, **amp)
+        val_res, ema_res = validate(net), (validate(ema.module) if ema else None)
         h.update_graphs(writer, offset + epoch, train_res, val_res)
-        training.log_scalars(writer, phase, offset + epoch + 1, train_res, val_res)
-        row = checkpoints.epoch_row(phase, epoch, offset, time.perf_counter() - t0, train_res, val_res)
-        improved = ckpt.save(epoch, row, score=val_res["mAP"])
+        training.log_scalars(writer, phase, offset + epoch + 1, train_res, val_res, ema_res)
+        row = checkpoints.epoch_row(phase, epoch, offset, time.perf_counter() - t0, train_res, val_res, ema_res)
+        use_ema = ema_res is not None and ema_res["mAP"] > val_res["mAP"]   # the better of the two weights
+        improved = ckpt.save(epoch, row, score=max(val_res["mAP"], ema_res["mAP"] if ema_res else -1),
+                             best_module=ema.module if use_ema else None)
         print(checkpoints.epoch_line(row, epochs, improved))
     return ckpt
 ''')
@@ -296,13 +320,16 @@ the head then trains for many epochs on those features, with the same course loo
 of cached features instead of images.
 ''')
 code('''
+def frozen_features(model, name, out, loaders):
+    key = {"backbone": name, **settings[name]["input"], "pad": PAD, "images": split_id}
+    return {part: training.cached_features(out / f"features_{part}.pt", model.backbone, loaders[loader], device,
+                                           key={**key, "part": part}, amp_dtype=amp_dtype,
+                                           channels_last=CHANNELS_LAST, show_progress=PROGRESS)
+            for part, loader in (("train", "features"), ("val", "val"))}
+
 def train_frozen(model, name, out, loaders, writer):
     models.freeze_backbone(model)
-    key = {"backbone": name, **settings[name]["input"], "pad": PAD}
-    feats = {part: training.cached_features(out / f"features_{part}.pt", model.backbone, loaders[loader], device,
-                                            key={**key, "images": split_id, "part": part}, amp_dtype=amp_dtype,
-                                            channels_last=CHANNELS_LAST, show_progress=PROGRESS)
-             for part, loader in (("train", "features"), ("val", "val"))}
+    feats = frozen_features(model, name, out, loaders)
     if HEAD == "logistic":                    # the offline CPU recipe: one convex fit instead of epochs
         return fit_frozen_logistic(model, out, feats)
     train_feats = training.feature_loader(feats["train"], y_train, BATCH_SIZE, shuffle=True)
@@ -337,33 +364,76 @@ def fit_frozen_logistic(model, out, feats):
 ''')
 md('''
 **Phase 2, fine-tuning.** Everything learns on augmented images, starting from the best frozen
-head; BatchNorm keeps its ImageNet statistics (`FREEZE_BN`).
+head; BatchNorm keeps its ImageNet statistics (`FREEZE_BN`). A moving average of the weights
+(`EMA_EPOCHS`, timm's `ModelEmaV3`) is validated beside the raw weights after every epoch, and
+the best checkpoint keeps whichever of the two scored higher (the "EMA" column of the epoch lines).
 ''')
 code('''
 def fine_tune(model, name, out, loaders, writer):
     models.unfreeze_backbone(model)
     model.freeze_bn = FREEZE_BN
     optimizer, scheduler = finetune_optimizer(model, len(loaders["train"]))
+    ema = training.make_ema(model, len(loaders["train"]), EMA_EPOCHS)
     ckpt = checkpoints.PhaseCheckpoint(out, "finetune", {"model": model, "optimizer": optimizer,
-                                                         "scheduler": scheduler, "scaler": scaler})
+                                                         "scheduler": scheduler, "scaler": scaler, "ema": ema})
     net = torch.compile(model) if COMPILE else model
     return run_phase("finetune", EPOCHS_FINETUNE, net, loaders["train"], loaders["val"], optimizer, scheduler,
-                     ckpt, writer, offset=EPOCHS_FROZEN)
+                     ckpt, writer, offset=EPOCHS_FROZEN, ema=ema)
 ''')
 md('''
-The better phase by validation mAP is kept. When fine-tuning did not help, the best frozen head
-goes back on an untouched ImageNet backbone.
+The better phase by validation mAP is kept (for fine-tuning, the raw weights or their average,
+whichever the best checkpoint holds). When fine-tuning did not help, the best frozen head goes
+back on an untouched ImageNet backbone.
 ''')
 code('''
 def keep_best(model, name, frozen, tuned):
     if tuned is not None and tuned.best > frozen.best:
-        tuned.load_best(model)
-        return model, "finetune"
+        tuned.load_best(model)               # the raw weights or their moving average, whichever scored
+        row = tuned.history[tuned.best_epoch - 1]
+        return model, "finetune (EMA)" if row.get("ema_mAP", -1) > row["val_mAP"] else "finetune"
     if tuned is not None:                    # fine-tuning changed the backbone: a fresh one
         model, _ = models.build_model(name, head=HEAD, dropout=DROPOUT)
         model.to(device, memory_format=torch.channels_last if CHANNELS_LAST else torch.preserve_format)
     frozen.load_best(model.head)
     return model, "frozen"
+''')
+md('''
+**Optional refit** (`REFIT = True`). The validation split chose the phase, its best epochs and
+the thresholds; the refit trains the backbone once more on the training *and* validation images,
+with the same schedules stopped at those epochs (the moving average too, if it was kept), and
+this model scores the test images. Its validation scores would be in-sample, so thresholds,
+comparison and analysis keep using the first model's; the epoch lines of a refit show in-sample
+validation. Its checkpoints (`refit/`) resume like the others.
+''')
+code('''
+def refit(name, out, phase, frozen, tuned, loaders, writer):
+    y_all = np.concatenate([y_train, y_val])          # the order of the train+val features below
+    model, _ = models.build_model(name, head=HEAD, dropout=DROPOUT, prior=y_all.mean(0))
+    model.to(device, memory_format=torch.channels_last if CHANNELS_LAST else torch.preserve_format)
+    models.freeze_backbone(model)
+    feats = frozen_features(model, name, out, loaders)
+    feats_all = torch.cat([feats["train"], feats["val"]])
+    if HEAD == "logistic":
+        model.head[-1].load_state_dict(training.fit_logistic(feats_all, y_all, C=LOGISTIC_C).state_dict())
+    else:
+        all_feats = training.feature_loader(feats_all, y_all, BATCH_SIZE, shuffle=True)
+        optimizer, scheduler = head_optimizer(model, len(all_feats))
+        ckpt = checkpoints.PhaseCheckpoint(out / "refit", "frozen", {"model": model.head, "optimizer": optimizer,
+                                                                     "scheduler": scheduler})
+        run_phase("refit_frozen", frozen.best_epoch, model.head, all_feats, training.feature_loader(
+            feats["val"], y_val, 4096, False), optimizer, scheduler, ckpt, writer)
+    if phase.startswith("finetune"):
+        models.unfreeze_backbone(model)
+        model.freeze_bn = FREEZE_BN
+        optimizer, scheduler = finetune_optimizer(model, len(loaders["train+val"]))
+        ema = training.make_ema(model, len(loaders["train+val"]), EMA_EPOCHS) if phase == "finetune (EMA)" else None
+        ckpt = checkpoints.PhaseCheckpoint(out / "refit", "finetune", {"model": model, "optimizer": optimizer,
+                                                                       "scheduler": scheduler, "scaler": scaler, "ema": ema})
+        run_phase("refit_finetune", tuned.best_epoch, model, loaders["train+val"], loaders["val"], optimizer,
+                  scheduler, ckpt, writer, offset=EPOCHS_FROZEN, ema=ema)
+        if ema is not None:
+            model.load_state_dict(ema.module.state_dict())
+    return model
 ''')
 md('''
 **Before any training**, every backbone's stored settings are compared with the settings in force
@@ -387,15 +457,15 @@ saved for thresholds, the ensemble and the analysis; `result.json`, written last
 backbone as finished.
 ''')
 code('''
-def save_backbone(name, model, phase, frozen, tuned, loaders, seconds):
+def save_backbone(name, model, phase, frozen, tuned, loaders, seconds, test_model=None):
     result = {"name": name, "best_phase": phase, "best_val_mAP": max(frozen.best, tuned.best if tuned else -1),
-              "train_seconds": seconds, "parameters": models.count_parameters(model)}
+              "train_seconds": seconds, "parameters": models.count_parameters(model), "refit": test_model is not None}
     return runs.save_model_scores(model, run_dir / "models" / name, loaders["val"], loaders["test"], device, result,
-                                  frozen.history + (tuned.history if tuned else []), amp_dtype=amp_dtype,
-                                  channels_last=CHANNELS_LAST, show_progress=PROGRESS)
+                                  frozen.history + (tuned.history if tuned else []), test_model=test_model,
+                                  amp_dtype=amp_dtype, channels_last=CHANNELS_LAST, show_progress=PROGRESS)
 ''')
 md('''
-**The loop over backbones**: build, phase 1, phase 2, keep the better one, save its scores.
+**The loop over backbones**: build, phase 1, phase 2, keep the better one, refit it if asked, save its scores.
 ''')
 code('''
 results = {}
@@ -412,8 +482,9 @@ for name in BACKBONES:
     with SummaryWriter(str(run_dir / "tensorboard" / name)) as writer:
         frozen = train_frozen(model, name, out, loaders, writer)
         tuned = fine_tune(model, name, out, loaders, writer) if EPOCHS_FINETUNE > 0 else None
-    model, phase = keep_best(model, name, frozen, tuned)
-    results[name] = save_backbone(name, model, phase, frozen, tuned, loaders, time.perf_counter() - t0)
+        model, phase = keep_best(model, name, frozen, tuned)
+        test_model = refit(name, out, phase, frozen, tuned, loaders, writer) if REFIT else None
+    results[name] = save_backbone(name, model, phase, frozen, tuned, loaders, time.perf_counter() - t0, test_model)
     del model, loaders
 pd.DataFrame(results).T[["best_phase", "best_val_mAP", "train_seconds", "parameters"]]
 ''')
