@@ -84,7 +84,7 @@ def main() -> int:
         out = training.predict(model, loader, dev, tta_flip=True, stacked=False, show_progress=False)
         return f"max |diff| {close_to_ref(out, 1e-5):.2e}, {loader.num_workers} workers"
 
-    @check("train_loop: bf16 + fused AdamW + channels-last, 2 epochs")
+    @check("train_loop: bf16 + fused AdamW + channels-last + EMA, 2 epochs")
     def _():
         m, _ = models.build_model("efficientnet_lite0", pretrained=True, prior=ds.labels.mean(0))
         m = m.to(dev, memory_format=torch.channels_last)
@@ -93,12 +93,15 @@ def main() -> int:
         sched = training.warmup_cosine(opt, 8, 2)
         train_loader = transforms.make_loader(ds.subset(np.arange(256), transforms.build_transform(pre, True)),
                                               64, True, dev)
+        ema = training.make_ema(m, len(train_loader), 1.0)
         losses = [h.train_loop(train_loader, m, torch.nn.BCEWithLogitsLoss(), opt, dev, scheduler=sched,
-                               amp_dtype=torch.bfloat16, channels_last=True)["loss"] for _ in range(2)]
+                               amp_dtype=torch.bfloat16, channels_last=True, ema=ema)["loss"] for _ in range(2)]
         assert all(np.isfinite(losses)), losses
-        val = h.validation_loop(plain_loader, m, torch.nn.BCEWithLogitsLoss(), 80, dev, multi_label=True,
-                                th_multi_label=0.0, one_hot=True, keep_outputs=True, amp_dtype=torch.bfloat16)
-        return f"losses {losses[0]:.4f} -> {losses[1]:.4f}, val mAP {val['mAP']:.3f}"
+        val, val_ema = (h.validation_loop(plain_loader, net, torch.nn.BCEWithLogitsLoss(), 80, dev, multi_label=True,
+                                          th_multi_label=0.0, one_hot=True, keep_outputs=True,
+                                          amp_dtype=torch.bfloat16) for net in (m, ema.module))
+        assert np.isfinite(val_ema["mAP"]), val_ema
+        return f"losses {losses[0]:.4f} -> {losses[1]:.4f}, val mAP {val['mAP']:.3f}, EMA {val_ema['mAP']:.3f}"
 
     @check("torch.compile(Lite0) vs eager (atol 1e-3)")
     def _():
