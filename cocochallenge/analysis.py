@@ -186,8 +186,9 @@ def phase_summary(history: dict) -> "pd.DataFrame":
     0.5, last losses; from the saved histories (``{model: [epoch rows]}``).
 
     It says in numbers what the training curves show: whether fine-tuning beat the frozen
-    backbone, at what cost per epoch, and whether validation loss rose while training loss
-    fell (over-fitting).
+    backbone (and whether the weights' moving average beat the raw weights: ``best EMA mAP``,
+    when a run kept one), at what cost per epoch, and whether validation loss rose while
+    training loss fell (over-fitting).
     """
     import pandas as pd
     rows = []
@@ -200,9 +201,11 @@ def phase_summary(history: dict) -> "pd.DataFrame":
                          "s/epoch": float(np.mean([r.get("seconds", np.nan) for r in rs])),
                          "best val mAP": max(r.get("val_mAP", np.nan) for r in rs),
                          "best val F1@0.5": max(r.get("val_f1", np.nan) for r in rs),
+                         "best EMA mAP": max(r.get("ema_mAP", np.nan) for r in rs),
                          "last train loss": rs[-1].get("train_loss", np.nan),
                          "last val loss": rs[-1].get("val_loss", np.nan)})
-    return pd.DataFrame(rows).set_index(["model", "phase"])
+    table = pd.DataFrame(rows).set_index(["model", "phase"])
+    return table.drop(columns="best EMA mAP") if table["best EMA mAP"].isna().all() else table
 
 
 def best_and_worst(report: "pd.DataFrame", n: int = 10) -> tuple:

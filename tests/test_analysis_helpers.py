@@ -200,6 +200,10 @@ def test_run_artifacts_and_comparison_table_agree_with_compare_models(run_dir):
     assert table.loc["ensemble", "images/s"] == pytest.approx(100 / 3)
     phases = analysis.phase_summary(run.history)
     assert phases.loc[("m_a", "frozen"), "epochs"] == 2 and phases.loc[("m_a", "finetune"), "epochs"] == 1
+    assert "best EMA mAP" not in phases                      # no moving average in these histories
+    with_ema = {"m": [{"phase": "frozen", "val_mAP": 0.3}, {"phase": "finetune", "val_mAP": 0.4, "ema_mAP": 0.45},
+                      {"phase": "finetune", "val_mAP": 0.42, "ema_mAP": 0.44}]}
+    assert analysis.phase_summary(with_ema).loc[("m", "finetune"), "best EMA mAP"] == 0.45
     with pytest.raises(ValueError, match="not a model"):
         run.chosen("nope")
 
