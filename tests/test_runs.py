@@ -11,7 +11,8 @@ from cocochallenge import config, demo, files, metrics, runs, split, training
 
 CFG = {"img_size": 64, "pad": True, "head": "mlp", "logistic_c": 0.1, "dropout": 0.2, "loss": "bce", "lr_head": 1e-3,
        "lr_finetune": 3e-4, "backbone_lr_factor": 0.1, "weight_decay": 1e-4, "epochs_frozen": 2,
-       "epochs_finetune": 1, "batch_size": 16, "augment": "trivial", "freeze_bn": True, "seed": 0,
+       "epochs_finetune": 1, "batch_size": 16, "augment": "trivial", "freeze_bn": True, "ema_epochs": 1.0,
+       "refit": False, "seed": 0,
        "tta": True, "at_least_one": True}
 PRE = {"size": 64, "mean": (0.5,) * 3, "std": (0.5,) * 3}
 
@@ -41,7 +42,7 @@ def test_finished_backbone_with_other_settings_stops_the_run(tmp_path):
 
 
 @pytest.mark.parametrize("change", [{"lr_finetune": 1e-4}, {"img_size": 96}, {"loss": "asl"}, {"pad": False},
-                                    {"augment": "none"}, {"head": "linear"}])
+                                    {"augment": "none"}, {"head": "linear"}, {"ema_epochs": 0.0}, {"refit": True}])
 def test_half_trained_backbone_is_not_resumed_with_other_settings(tmp_path, change):
     _trained(tmp_path, finished=False)
     with pytest.raises(files.StaleRunError, match=next(iter(change))):

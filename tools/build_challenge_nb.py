@@ -87,7 +87,7 @@ HEAD = "mlp"                    # "mlp" (the course's head), "linear", or "logis
 LOGISTIC_C = 0.1                # inverse L2 strength of the "logistic" head (on z-scored features)
 DROPOUT = 0.2
 AUGMENT = "trivial"             # "trivial" (TrivialAugmentWide), "randaugment" or "none"
-PAD = True                      # keep the aspect ratio and pad to a square (False: the course's plain resize)
+PAD = False                     # False: the course's plain resize (measured better); True: keep the aspect, pad
 IMG_SIZE = 0                    # 0 = the input size of the backbone's weights
 VAL_FRACTION = 0.1
 SEED = 0
@@ -232,8 +232,9 @@ pd.DataFrame({"before freezing": before, "frozen backbone": models.describe(mode
 ''')
 md('''
 Each backbone gets its own transforms (its input size and normalisation): the evaluation ones
-(aspect-keeping resize and pad) for features, validation and test; the training ones add a flip,
-TrivialAugment and random erasing. Each loader view has its own transform, so augmentation never
+(a plain resize to a square, as the course does, or an aspect-keeping resize and pad with `PAD`;
+on real photos the plain resize scored higher, see `analysis.ipynb`, section 9) for features,
+validation and test; the training ones add a flip, TrivialAugment and random erasing. Each loader view has its own transform, so augmentation never
 leaks into validation.
 ''')
 code('''
