@@ -407,7 +407,7 @@ comparison and analysis keep using the first model's; the epoch lines of a refit
 validation. Its checkpoints (`refit/`) resume like the others.
 ''')
 code('''
-def refit(name, out, phase, frozen, tuned, loaders, writer):
+def refit_frozen(name, out, frozen, loaders, writer):
     y_all = np.concatenate([y_train, y_val])          # the order of the train+val features below
     model, _ = models.build_model(name, head=HEAD, dropout=DROPOUT, prior=y_all.mean(0))
     model.to(device, memory_format=torch.channels_last if CHANNELS_LAST else torch.preserve_format)
@@ -423,6 +423,11 @@ def refit(name, out, phase, frozen, tuned, loaders, writer):
                                                                      "scheduler": scheduler})
         run_phase("refit_frozen", frozen.best_epoch, model.head, all_feats, training.feature_loader(
             feats["val"], y_val, 4096, False), optimizer, scheduler, ckpt, writer)
+    return model
+''')
+code('''
+def refit(name, out, phase, frozen, tuned, loaders, writer):
+    model = refit_frozen(name, out, frozen, loaders, writer)
     if phase.startswith("finetune"):
         models.unfreeze_backbone(model)
         model.freeze_bn = FREEZE_BN

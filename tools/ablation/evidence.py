@@ -76,7 +76,7 @@ def main():
             continue
         # ablate.py's column holds seconds per outer fold (5 folds a seed); finetune.py's, seconds per seed
         minutes = d.fit_s_per_outer_fold * (1 if protocol == HALVES else 5) / 60
-        rows.append({"step": step, "backs": backs, "protocol": protocol, "seeds": d.seed.nunique(),
+        rows.append({"step": "… " + step.strip() if step.startswith("  ") else step, "backs": backs, "protocol": protocol, "seeds": d.seed.nunique(),
                      "course F1": d.course_f1.mean(), "course F1 sd": d.course_f1.std(),
                      "macro F1": d.macro_f1.mean(), "macro F1 sd": d.macro_f1.std(), "mAP": d.mAP.mean(),
                      "minutes per seed": minutes.mean(), "recipe": recipe, "rule": rule, "top1": top1})
