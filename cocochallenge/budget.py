@@ -54,12 +54,13 @@ def run_seconds(rates: dict, n_train: int, n_val: int, n_test: int, epochs_finet
     Features of train + validation once (the frozen phase's head epochs on cached features
     are seconds); each fine-tuning epoch trains on ``n_train`` images and validates (twice
     with an EMA); the kept model then scores validation and test (twice each with flip TTA).
-    ``rates`` holds images/s under ``train`` and ``forward``.
+    ``rates`` holds images/s under ``train`` and ``forward``, and may hold a measured ``tta``
+    rate (images/s with flip TTA, as ``benchmark.py`` measures it) for the final predictions.
     """
-    views = 2 if tta else 1
+    final = (n_val + n_test) / rates["tta"] if tta and "tta" in rates else \
+        (2 if tta else 1) * (n_val + n_test) / rates["forward"]
     per_epoch = n_train / rates["train"] + (2 if ema else 1) * n_val / rates["forward"]
-    return ((n_train + n_val) / rates["forward"] + epochs_finetune * per_epoch
-            + views * (n_val + n_test) / rates["forward"])
+    return (n_train + n_val) / rates["forward"] + epochs_finetune * per_epoch + final
 
 
 def projected_hours(backbones, size_of, epochs_finetune: int, tta: bool = True, ema: bool = True,
