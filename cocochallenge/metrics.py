@@ -192,6 +192,15 @@ def shrunk_thresholds(targets: np.ndarray, probs: np.ndarray, k: float = 10.0,
     return (n * raw + k * g) / (n + k)
 
 
+def random_halves(n: int, repeats: int = 10, seed: int = 0):
+    """``(tune, score)`` boolean masks: ``repeats`` random halves of ``n`` rows, each used both ways."""
+    rng = np.random.default_rng(seed)
+    for _ in range(repeats):
+        half = rng.permutation(n) < n // 2
+        yield half, ~half
+        yield ~half, half
+
+
 def repeated_halves_f1(targets: np.ndarray, probs: np.ndarray, shrink: float = 10.0, repeats: int = 10,
                        seed: int = 0, at_least_one: bool = True) -> tuple[float, float]:
     """Course F1 of :func:`shrunk_thresholds` tuned on a random half and scored on the other half.
@@ -201,13 +210,10 @@ def repeated_halves_f1(targets: np.ndarray, probs: np.ndarray, shrink: float = 1
     out-of-fold scores of the whole training part does not.
     """
     y = np.asarray(targets).astype(bool)
-    rng = np.random.default_rng(seed)
     scores = []
-    for _ in range(repeats):
-        half = rng.permutation(len(y)) < len(y) // 2
-        for tune, score in ((half, ~half), (~half, half)):
-            t = shrunk_thresholds(y[tune], probs[tune], shrink)
-            scores.append(course_f1(y[score], apply_thresholds(probs[score], t, at_least_one))["f1"])
+    for tune, score in random_halves(len(y), repeats, seed):
+        t = shrunk_thresholds(y[tune], probs[tune], shrink)
+        scores.append(course_f1(y[score], apply_thresholds(probs[score], t, at_least_one))["f1"])
     return float(np.mean(scores)), float(np.std(scores))
 
 

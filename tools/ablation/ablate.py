@@ -34,7 +34,6 @@ Recipe file: one recipe per line, ``name | member & member ... | ens=prob``, a m
 Members of one recipe must share ``split``. Threshold rules: see ``thresholds``.
 """
 import argparse
-import csv
 import hashlib
 import json
 import time
@@ -46,7 +45,7 @@ import torch.nn as nn
 from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
 from sklearn.metrics import average_precision_score, f1_score
 
-from common import add_dir_argument, loadavg, work_dir
+from common import ResultsCSV, add_dir_argument, loadavg, work_dir
 from sklearn.model_selection import KFold
 
 from cocochallenge import losses, metrics as cm, models
@@ -312,9 +311,7 @@ def main():
         if args.only and name not in args.only.split(","):
             continue
         recipes.append((name, [m.strip() for m in members.split("&")], ens.split("=")[1]))
-    new = not Path(args.out).exists()
-    with open(args.out, "a", newline="") as fh:
-        w = None
+    with ResultsCSV(args.out) as results:
         for name, members, ens in recipes:
             kind = {member_settings(m)["split"] for m in members}
             if len(kind) != 1:
@@ -342,12 +339,7 @@ def main():
                                **metrics(Y, val, pred), "course_f1_foldmean": float(np.mean(fold_f1)),
                                "fit_s_per_outer_fold": round(fit_s, 2), "loadavg": la,
                                "members": " & ".join(members), "ens": ens}
-                        if w is None:
-                            w = csv.DictWriter(fh, fieldnames=list(row))
-                            if new:
-                                w.writeheader()
-                        w.writerow(row)
-                fh.flush()
+                        results.write(row)
                 print(f"{name} seed {s}: fit {fit_s:.1f}s/outer fold, load {la}", flush=True)
 
 

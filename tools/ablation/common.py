@@ -45,6 +45,39 @@ def work_dir(path: str | Path) -> Path:
     return out
 
 
+class ResultsCSV:
+    """Rows appended to ``results_per_seed.csv``, the header written only into a new file.
+
+    ablate.py and finetune.py both append to it, summarise.py and evidence.py read it: one
+    writer keeps the file's shape in one place. Each row is flushed, so an interrupted run
+    keeps what it measured.
+    """
+
+    def __init__(self, path: str | Path):
+        import csv
+        self._csv, self.path = csv, Path(path)
+        self._new = not self.path.exists()
+        self._fh = open(self.path, "a", newline="")
+        self._writer = None
+
+    def write(self, row: dict) -> None:
+        if self._writer is None:
+            self._writer = self._csv.DictWriter(self._fh, fieldnames=list(row))
+            if self._new:
+                self._writer.writeheader()
+        self._writer.writerow(row)
+        self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 def loadavg() -> str:
     return Path("/proc/loadavg").read_text().split()[0:3].__str__()
 

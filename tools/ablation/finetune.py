@@ -23,15 +23,13 @@ holds this variant's seconds for the seed.
 """
 import argparse
 import copy
-import csv
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from sklearn.metrics import f1_score
 
-from common import DEFAULT_DATA, add_dir_argument, loadavg, work_dir
+from common import DEFAULT_DATA, ResultsCSV, add_dir_argument, loadavg, work_dir
 import helpers as h
 from cocochallenge import data, losses, metrics as cm, models, split, training, transforms
 
@@ -42,15 +40,12 @@ NB = {"lr_head": 1e-3, "epochs_frozen": 6, "lr_finetune": 3e-4, "backbone_lr_fac
 def halves_scores(y, probs, repeats=10, seed=0):
     """Course and macro F1 of shrunk thresholds tuned on one half and scored on the other."""
     y = y.astype(bool)
-    rng = np.random.default_rng(seed)
     course, macro = [], []
-    for _ in range(repeats):
-        half = rng.permutation(len(y)) < len(y) // 2
-        for tune, score in ((half, ~half), (~half, half)):
-            t = cm.shrunk_thresholds(y[tune], probs[tune], 10.0)
-            pred = cm.apply_thresholds(probs[score], t, at_least_one=True)
-            course.append(cm.course_f1(y[score], pred)["f1"])
-            macro.append(f1_score(y[score], pred, average="macro", zero_division=0))
+    for tune, score in cm.random_halves(len(y), repeats, seed):      # the halves of repeated_halves_f1
+        t = cm.shrunk_thresholds(y[tune], probs[tune], 10.0)
+        pred = cm.apply_thresholds(probs[score], t, at_least_one=True)
+        course.append(cm.course_f1(y[score], pred)["f1"])
+        macro.append(f1_score(y[score], pred, average="macro", zero_division=0))
     return float(np.mean(course)), float(np.mean(macro))
 
 
@@ -81,24 +76,16 @@ def main():
     eval_t = transforms.build_transform(pre, train=False, pad=True)
     train_t = transforms.build_transform(pre, train=True, pad=True, augment="trivial")
     crit = losses.make_criterion("bce")
-    new = not Path(args.out).exists()
-    fh = open(args.out, "a", newline="")
-    writer = None
+    results = ResultsCSV(args.out)
 
     def write(recipe, seed, yv, probs, seconds):
-        nonlocal writer
         course, macro = halves_scores(yv, probs, seed=seed)
         row = {"recipe": recipe, "rule": "halves_shrink10", "top1": 1, "seed": seed, "course_f1": course,
                "macro_f1": macro, "micro_f1": float("nan"), "mAP": cm.mean_average_precision(yv.astype(bool), probs),
                "labels_per_img": float("nan"), "course_f1_foldmean": course,
                "fit_s_per_outer_fold": round(seconds, 1), "loadavg": loadavg(),
                "members": f"lite0_224_pad finetune.py epochs={args.epochs} batch={args.batch}", "ens": "-"}
-        if writer is None:
-            writer = csv.DictWriter(fh, fieldnames=list(row))
-            if new:
-                writer.writeheader()
-        writer.writerow(row)
-        fh.flush()
+        results.write(row)
         print(f"{recipe:24} seed {seed}: course F1 {course:.4f}  macro {macro:.4f}  mAP {row['mAP']:.4f}  "
               f"{seconds:.0f}s", flush=True)
 
@@ -150,7 +137,7 @@ def main():
             write(f"ft_{variant}_raw", seed, yv, validate(model, val_loader, crit), seconds)
             write(f"ft_{variant}_ema", seed, yv, validate(ema.module, val_loader, crit), seconds)
             del ema, opt, train_loader
-    fh.close()
+    results.close()
 
 
 if __name__ == "__main__":
