@@ -328,17 +328,20 @@ def frozen_features(model, name, out, loaders):
                                            channels_last=CHANNELS_LAST, show_progress=PROGRESS)
             for part, loader in (("train", "features"), ("val", "val"))}
 
+def train_head(model, feats, y, val_feats, folder, epochs, writer, phase="frozen"):
+    train_feats = training.feature_loader(feats, y, BATCH_SIZE, shuffle=True)
+    optimizer, scheduler = head_optimizer(model, len(train_feats))
+    ckpt = checkpoints.PhaseCheckpoint(folder, "frozen", {"model": model.head, "optimizer": optimizer,
+                                                          "scheduler": scheduler})
+    return run_phase(phase, epochs, model.head, train_feats, val_feats, optimizer, scheduler, ckpt, writer)
+
 def train_frozen(model, name, out, loaders, writer):
     models.freeze_backbone(model)
     feats = frozen_features(model, name, out, loaders)
     if HEAD == "logistic":                    # the offline CPU recipe: one convex fit instead of epochs
         return fit_frozen_logistic(model, out, feats)
-    train_feats = training.feature_loader(feats["train"], y_train, BATCH_SIZE, shuffle=True)
     val_feats = training.feature_loader(feats["val"], y_val, 4096, shuffle=False)
-    optimizer, scheduler = head_optimizer(model, len(train_feats))
-    ckpt = checkpoints.PhaseCheckpoint(out, "frozen", {"model": model.head, "optimizer": optimizer,
-                                                       "scheduler": scheduler})
-    return run_phase("frozen", EPOCHS_FROZEN, model.head, train_feats, val_feats, optimizer, scheduler, ckpt, writer)
+    return train_head(model, feats["train"], y_train, val_feats, out, EPOCHS_FROZEN, writer)
 ''')
 md('''
 With `HEAD = "logistic"` the frozen phase is one L2-regularised logistic regression on z-scored
@@ -370,16 +373,16 @@ head; BatchNorm keeps its ImageNet statistics (`FREEZE_BN`). A moving average of
 the best checkpoint keeps whichever of the two scored higher (the "EMA" column of the epoch lines).
 ''')
 code('''
-def fine_tune(model, name, out, loaders, writer):
+def fine_tune(model, folder, train_loader, val_loader, epochs, writer, ema_epochs, phase="finetune"):
     models.unfreeze_backbone(model)
     model.freeze_bn = FREEZE_BN
-    optimizer, scheduler = finetune_optimizer(model, len(loaders["train"]))
-    ema = training.make_ema(model, len(loaders["train"]), EMA_EPOCHS)
-    ckpt = checkpoints.PhaseCheckpoint(out, "finetune", {"model": model, "optimizer": optimizer,
-                                                         "scheduler": scheduler, "scaler": scaler, "ema": ema})
+    optimizer, scheduler = finetune_optimizer(model, len(train_loader))
+    ema = training.make_ema(model, len(train_loader), ema_epochs)
+    ckpt = checkpoints.PhaseCheckpoint(folder, "finetune", {"model": model, "optimizer": optimizer,
+                                                            "scheduler": scheduler, "scaler": scaler, "ema": ema})
     net = torch.compile(model) if COMPILE else model
-    return run_phase("finetune", EPOCHS_FINETUNE, net, loaders["train"], loaders["val"], optimizer, scheduler,
-                     ckpt, writer, offset=EPOCHS_FROZEN, ema=ema)
+    return run_phase(phase, epochs, net, train_loader, val_loader, optimizer, scheduler, ckpt, writer,
+                     offset=EPOCHS_FROZEN, ema=ema)
 ''')
 md('''
 The better phase by validation mAP is kept (for fine-tuning, the raw weights or their average,
@@ -417,28 +420,18 @@ def refit_frozen(name, out, frozen, loaders, writer):
     if HEAD == "logistic":
         model.head[-1].load_state_dict(training.fit_logistic(feats_all, y_all, C=LOGISTIC_C).state_dict())
     else:
-        all_feats = training.feature_loader(feats_all, y_all, BATCH_SIZE, shuffle=True)
-        optimizer, scheduler = head_optimizer(model, len(all_feats))
-        ckpt = checkpoints.PhaseCheckpoint(out / "refit", "frozen", {"model": model.head, "optimizer": optimizer,
-                                                                     "scheduler": scheduler})
-        run_phase("refit_frozen", frozen.best_epoch, model.head, all_feats, training.feature_loader(
-            feats["val"], y_val, 4096, False), optimizer, scheduler, ckpt, writer)
+        train_head(model, feats_all, y_all, training.feature_loader(feats["val"], y_val, 4096, False),
+                   out / "refit", frozen.best_epoch, writer, phase="refit_frozen")
     return model
 ''')
 code('''
 def refit(name, out, phase, frozen, tuned, loaders, writer):
     model = refit_frozen(name, out, frozen, loaders, writer)
-    if phase.startswith("finetune"):
-        models.unfreeze_backbone(model)
-        model.freeze_bn = FREEZE_BN
-        optimizer, scheduler = finetune_optimizer(model, len(loaders["train+val"]))
-        ema = training.make_ema(model, len(loaders["train+val"]), EMA_EPOCHS) if phase == "finetune (EMA)" else None
-        ckpt = checkpoints.PhaseCheckpoint(out / "refit", "finetune", {"model": model, "optimizer": optimizer,
-                                                                       "scheduler": scheduler, "scaler": scaler, "ema": ema})
-        run_phase("refit_finetune", tuned.best_epoch, model, loaders["train+val"], loaders["val"], optimizer,
-                  scheduler, ckpt, writer, offset=EPOCHS_FROZEN, ema=ema)
-        if ema is not None:
-            model.load_state_dict(ema.module.state_dict())
+    if phase.startswith("finetune"):                 # the average too, if it was the one kept
+        ckpt = fine_tune(model, out / "refit", loaders["train+val"], loaders["val"], tuned.best_epoch, writer,
+                         ema_epochs=EMA_EPOCHS if phase == "finetune (EMA)" else 0, phase="refit_finetune")
+        if ckpt.state["ema"] is not None:
+            model.load_state_dict(ckpt.state["ema"].module.state_dict())
     return model
 ''')
 md('''
@@ -487,7 +480,8 @@ for name in BACKBONES:
     loaders = loaders_for(models.preprocess_for(name, IMG_SIZE))
     with SummaryWriter(str(run_dir / "tensorboard" / name)) as writer:
         frozen = train_frozen(model, name, out, loaders, writer)
-        tuned = fine_tune(model, name, out, loaders, writer) if EPOCHS_FINETUNE > 0 else None
+        tuned = fine_tune(model, out, loaders["train"], loaders["val"], EPOCHS_FINETUNE, writer, EMA_EPOCHS) \
+            if EPOCHS_FINETUNE > 0 else None
         model, phase = keep_best(model, name, frozen, tuned)
         test_model = refit(name, out, phase, frozen, tuned, loaders, writer) if REFIT else None
     results[name] = save_backbone(name, model, phase, frozen, tuned, loaders, time.perf_counter() - t0, test_model)
