@@ -1,20 +1,40 @@
-"""Settings for running the notebooks under nbval: the README's demo run, in a throw-away folder.
+"""The notebooks' configuration under nbval: small, on generated demo data, in a throw-away folder.
 
-nbval starts each notebook's kernel from this process, so the kernels inherit these
-variables; values already set by the caller win. The configuration is the one `run.py`
-uses for the committed outputs (run.DEMO_DEFAULTS), so the cells marked NBVAL_CHECK_OUTPUT
-are compared with what the committed notebooks show (nbval_sanitize.cfg blanks the run
-folder's name and the other volatile parts).
+nbval cannot pass parameters to a notebook, so its kernels (started from this process) read
+them from ``COCO_<NAME>`` environment variables, which ``config.settings`` applies over the
+parameters cell. The reference outputs nbval compares with come from this same configuration
+(``tests/nbval/``, made by ``tools/nbval_references.py``): never from the real-photo run that
+the committed notebooks show. Values already set by the caller win.
 """
+
+import json
 import os
 import tempfile
 from pathlib import Path
 
-from run import DEMO_DEFAULTS
+_DIR = Path(tempfile.gettempdir()) / f"coco-nbval-{os.getpid()}"
 
-_DIR = Path(os.environ.get("COCO_TEST_DIR", Path(tempfile.gettempdir()) / f"coco-nbval-{os.getpid()}"))
-for _key, _value in DEMO_DEFAULTS.items():
+#: Two offline backbones, so that the comparison, the ensemble and the paired intervals run;
+#: tiny inputs and epochs, so that both notebooks run in about a minute on a 2-core CPU.
+NBVAL = {
+    "COCO_DATA_ROOT": "demo",
+    "COCO_RUN_DIR": str(_DIR / "run"),
+    "COCO_BACKBONES": "efficientnet_lite0,efficientnet_lite1",
+    "COCO_EPOCHS_FROZEN": "2",
+    "COCO_EPOCHS_FINETUNE": "1",
+    "COCO_BATCH_SIZE": "32",
+    "COCO_OPTIONS": json.dumps(
+        {
+            "img_size": 96,
+            "demo_train": 300,
+            "demo_test": 60,
+            "demo_dir": str(_DIR / "demo" / "ms-coco"),
+            "progress": False,
+        }
+    ),
+}
+
+for _key, _value in NBVAL.items():
     os.environ.setdefault(_key, _value)
-os.environ["COCO_RUN_DIR"] = os.environ.get("COCO_NBVAL_RUN_DIR", str(_DIR / "run"))
 os.environ.setdefault("COCO_HEADLESS", "1")
-os.environ.pop("MPLBACKEND", None)          # kernels draw inline, as in the committed run
+os.environ.pop("MPLBACKEND", None)  # kernels draw inline, as in a notebook

@@ -1,15 +1,21 @@
 """Run the challenge notebook, then the analysis notebook, headless, into a run folder.
 
-    python run.py                      # demo data on this machine's CPU/GPU (the README's main command)
+    python run.py                      # generated demo data, the demo sizes (README)
     python run.py --smoke              # tiny sizes: a one-to-two-minute check
-    python run.py --data-root /home/jovyan/ms-coco --run-dir runs/real --backbones convnext_tiny
+    python run.py --data-root /home/jovyan/ms-coco --backbones convnext_tiny -p EPOCHS_FINETUNE 4
 
-Executed copies of both notebooks are written into the run folder; the committed notebooks
-are not modified. Any ``COCO_<NAME>`` variable already set in the environment is passed on.
+The notebooks run through papermill: ``-p NAME VALUE`` sets any parameter of the challenge
+notebook's parameters cell (the value is read as a Python literal when it is one, e.g.
+``-p OPTIONS '{"img_size": 160}'``, else as text). The executed copies are written into the
+run folder cell by cell, so a killed run shows how far it got; the committed notebooks are not
+modified. On a machine without a GPU, ``--data-root`` with no backbone named runs the offline
+CPU recipe (``cpu_recipe.py``) instead of the challenge notebook, and says so.
 """
+
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import sys
 import time
@@ -17,184 +23,192 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 
-#: The demo run of the README: a real pretrained backbone (offline Lite0) that finishes within
-#: about ten minutes on a 2-core CPU. Values already in the environment win.
-DEMO_DEFAULTS = {
-    "COCO_RUN_DIR": "runs/demo",
-    "COCO_BACKBONES": "efficientnet_lite0",
-    "COCO_DEMO_TRAIN": "2000",
-    "COCO_DEMO_TEST": "400",
-    "COCO_EPOCHS_FROZEN": "12",
-    "COCO_EPOCHS_FINETUNE": "4",
-    "COCO_IMG_SIZE": "160",
-    "COCO_BATCH_SIZE": "32",
-    "COCO_PROGRESS": "0",
-}
-
-
+#: The demo run of the README: the offline Lite0 on generated demo data, about six minutes on
+#: a 2-core CPU.
+DEMO = {
+    "DATA_ROOT": "demo", "RUN_DIR": "runs/demo", "BACKBONES": ["efficientnet_lite0"],
+    "EPOCHS_FROZEN": 12, "EPOCHS_FINETUNE": 4, "BATCH_SIZE": 32,
+    "OPTIONS": {"img_size": 160, "demo_train": 2000, "demo_test": 400},
+}  # fmt: skip
+#: Tiny sizes, same code path, folders of their own (never a real run's, nor its demo data).
+SMOKE = {
+    "DATA_ROOT": "demo", "RUN_DIR": "runs/smoke", "BACKBONES": ["efficientnet_lite0"],
+    "EPOCHS_FROZEN": 2, "EPOCHS_FINETUNE": 1, "BATCH_SIZE": 32,
+    "OPTIONS": {"img_size": 128, "demo_train": 160, "demo_test": 40, "workers": 0,
+                "demo_dir": "data/smoke/ms-coco"},
+}  # fmt: skip
 #: The kernel JupyterLab names "Python 3 (ipykernel)": stored as such, an opened copy is not
 #: marked modified at once.
 KERNELSPEC = {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}
+#: Errors whose message says what to do: printed alone, their traceback left in the notebook.
+SELF_EXPLAINING = ("DataError", "StaleRunError", "SubmissionError", "WeightsUnavailable")
 
 
-def _client_class():
-    from nbclient import NotebookClient
-
-    class TalkingClient(NotebookClient):
-        """Prints each section title as its cells start, and the kernel's printed lines as they come."""
-
-        quiet = False
-
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self._section = None
-
-        def _say(self, text: str) -> None:
-            if not self.quiet:
-                print(text, end="" if text.endswith("\n") else "\n", flush=True)
-
-        def output(self, outs, msg, display_id, cell_index):
-            if msg["msg_type"] == "stream":                       # print(), epoch lines, warnings
-                self._say("    " + msg["content"]["text"].replace("\n", "\n    ").rstrip(" "))
-            return super().output(outs, msg, display_id, cell_index)
-
-    return TalkingClient
+def kernel_environment() -> dict:
+    """Variables the notebooks' kernels start with (they inherit this process's environment)."""
+    return {
+        "COCO_HEADLESS": "1",  # the TensorBoard cell then only says where the logs are
+        # idle OpenMP threads sleep instead of spinning: on a 2-core CPU shared with loader
+        # workers the spinning doubled a fine-tuning epoch's user time
+        "OMP_WAIT_POLICY": "PASSIVE",
+    }
 
 
-def _section_titles(nb) -> dict:
-    """Index of each code cell -> the markdown heading above it (to say what runs now)."""
-    titles, current = {}, None
-    for i, cell in enumerate(nb.cells):
-        if cell.cell_type == "markdown":
-            heading = next((l.lstrip("#").strip() for l in cell.source.splitlines() if l.startswith("#")), None)
-            current = heading or current
-        else:
-            titles[i] = current
-    return titles
-
-
-def execute(notebook: Path, out: Path, timeout: int, quiet: bool = False) -> float:
-    """Execute ``notebook`` with the repository as working directory; save a signed executed copy.
-
-    Signing marks the copy as trusted on this machine (JupyterLab then shows its styled
-    tables as they were made); the kernel name is the one JupyterLab writes.
-    """
-    import nbformat
-    from nbformat.sign import NotebookNotary
-    nb = nbformat.read(notebook, as_version=4)
-    nb.metadata["kernelspec"] = KERNELSPEC
-    os.environ["COCO_HEADLESS"] = "1"     # the TensorBoard cell then only says where the logs are
-    # OpenMP threads that wait for work sleep instead of spinning (read when the kernel imports
-    # torch): on a 2-core CPU shared with loader workers the spinning doubled a fine-tuning
-    # epoch's user time
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    titles, shown = _section_titles(nb), set()
-    client_cls = _client_class()
-    client = client_cls(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}})
-    client.quiet = quiet
-
-    def on_start(cell, cell_index, **_):
-        title = titles.get(cell_index)
-        if title and title not in shown and not quiet:
-            shown.add(title)
-            print(f"[{notebook.name}] {title}", flush=True)
-    client.on_cell_start = on_start
-    t0 = time.perf_counter()
+def parse_value(text: str):
+    """A ``-p`` value: a Python literal when it is one (3, 1e-3, True, [..], {..}), else text."""
     try:
-        client.execute()
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def execute(notebook: Path, out: Path, parameters: dict, quiet: bool = False) -> float:
+    """Execute ``notebook`` with papermill into ``out`` (saved after every cell), then sign it.
+
+    Signing marks the copy as trusted on this machine: JupyterLab then shows its styled tables
+    as they were made. The kernel's printed lines are passed on as they come, unless ``quiet``.
+    """
+    import tempfile
+
+    import nbformat
+    import papermill
+    from jupyter_client import KernelManager
+    from nbformat.sign import NotebookNotary
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    stream = None if quiet else sys.stdout
+    try:
+        with tempfile.TemporaryDirectory() as sockets:
+            # the kernel talks over local sockets, not TCP: nothing to eavesdrop, no warning
+            km = KernelManager(kernel_name="python3", transport="ipc", ip=f"{sockets}/kernel")
+            try:
+                papermill.execute_notebook(
+                    str(notebook), str(out), parameters=parameters, cwd=str(ROOT), km=km,
+                    progress_bar=False, stdout_file=stream,
+                    stderr_file=None if quiet else sys.stderr,
+                )  # fmt: skip
+            finally:  # a kernel manager handed to papermill is ours to stop
+                if km.has_kernel:
+                    km.shutdown_kernel(now=True)
     finally:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        nb.metadata["kernelspec"] = KERNELSPEC
-        nbformat.write(nb, out)
-        try:
-            NotebookNotary().sign(nb)
-        except Exception as err:          # a read-only Jupyter data folder: unsigned, still valid
-            print(f"note: could not sign {out} as trusted ({err}); use 'Trust Notebook' in JupyterLab")
+        if out.exists():
+            nb = nbformat.read(out, as_version=4)
+            nb.metadata["kernelspec"] = KERNELSPEC
+            nbformat.write(nb, out)
+            try:
+                NotebookNotary().sign(nb)
+            except Exception as err:  # a read-only Jupyter data folder: unsigned, still valid
+                print(f"note: could not sign {out} as trusted ({err})")
     return time.perf_counter() - t0
 
 
-#: The offline recipe a CPU runs on real data when no backbone is named: measured best within
-#: a 15-minute CPU budget on 678 real COCO photos (README, "The offline CPU recipe").
-CPU_RECIPE = {
-    "COCO_BACKBONES": "efficientnet_lite0,efficientnet_lite1,efficientnet_lite2",
-    "COCO_HEAD": "logistic",
-    "COCO_EPOCHS_FROZEN": "1",
-    "COCO_EPOCHS_FINETUNE": "0",
-    "COCO_TTA": "0",
-    "COCO_BATCH_SIZE": "32",
-}
-
-
-def uses_cpu_recipe(backbones: str | None, cuda: bool | None = None) -> bool:
-    """Real data, no backbone named (argument or COCO_BACKBONES) and no GPU: the offline recipe."""
+def uses_cpu_recipe(args, cuda: bool | None = None) -> bool:
+    """Real data, no backbone named (``--backbones`` or ``-p BACKBONES``) and no GPU."""
     if cuda is None:
         import torch
+
         cuda = torch.cuda.is_available()
-    return not backbones and "COCO_BACKBONES" not in os.environ and not cuda
+    named = args.backbones or any(name == "BACKBONES" for name, _ in args.parameter)
+    return bool(args.data_root) and not named and not cuda and not args.smoke
+
+
+def parameters_of(args) -> dict:
+    """The challenge notebook's parameters for this command line (papermill's ``parameters``)."""
+    params = dict(SMOKE if args.smoke else DEMO if not args.data_root else {})
+    if args.data_root:
+        params["DATA_ROOT"] = str(Path(args.data_root).expanduser().resolve())
+        params.setdefault("RUN_DIR", "runs/main")
+    if args.backbones:
+        params["BACKBONES"] = [b.strip() for b in args.backbones.split(",") if b.strip()]
+    for name, value in args.parameter:
+        params[name] = parse_value(value)
+    if args.run_dir:
+        params["RUN_DIR"] = args.run_dir
+    params["RUN_DIR"] = str((ROOT / params["RUN_DIR"]).resolve())
+    return params
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-root", help="challenge-layout folder (default: course path, else demo data)")
-    parser.add_argument("--run-dir", help="output folder (default: runs/demo, runs/smoke with --smoke)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data-root", help="challenge-layout folder (default: demo data)")
+    parser.add_argument("--run-dir", help="output folder (default: runs/demo, runs/main, ...)")
     parser.add_argument("--backbones", help="comma-separated registry names")
+    parser.add_argument(
+        "-p",
+        "--parameter",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("NAME", "VALUE"),
+        help="a parameter of challenge.ipynb",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, same code path")
     parser.add_argument("--no-analysis", action="store_true", help="skip the analysis notebook")
-    parser.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
     parser.add_argument("--quiet", action="store_true", help="print only the final lines")
-    parser.add_argument("--handin", action="store_true", help="then pack the run for Moodle (see README)")
-    parser.add_argument("--update-notebooks", action="store_true",
-                        help="copy the executed notebooks over the committed ones (the nbval references; "
-                             "only for the README's demo run)")
+    parser.add_argument("--handin", action="store_true", help="then pack the run for Moodle")
+    parser.add_argument(
+        "--update-notebooks",
+        action="store_true",
+        help="copy the executed notebooks over the committed ones",
+    )
     args = parser.parse_args(argv)
-
-    env = {}
-    if args.smoke:
-        env.update(COCO_SMOKE="1", COCO_RUN_DIR="runs/smoke", COCO_DEMO_DIR="data/smoke/ms-coco",
-                   COCO_PROGRESS="0")
-    elif not os.environ.get("COCO_DATA_ROOT") and not args.data_root:
-        env.update(DEMO_DEFAULTS)
-    if args.data_root:
-        env["COCO_DATA_ROOT"] = str(Path(args.data_root).resolve())
-        if uses_cpu_recipe(args.backbones):
-            env.update(CPU_RECIPE)
-            print("no GPU here and no backbone named: running the offline CPU recipe (frozen EfficientNet-Lite0/1/2, "
-                  "logistic-regression heads, their ensemble, out-of-fold thresholds); name --backbones to "
-                  "run the notebook's defaults instead", flush=True)
-    if args.run_dir:
-        env["COCO_RUN_DIR"] = str(Path(args.run_dir).resolve())
-    if args.backbones:
-        env["COCO_BACKBONES"] = args.backbones
-    for key, value in env.items():
-        os.environ.setdefault(key, value)           # the caller's own COCO_* settings win
-    run_dir = Path(os.environ.get("COCO_RUN_DIR", "runs/main"))
-    run_dir = run_dir if run_dir.is_absolute() else ROOT / run_dir
+    params = parameters_of(args)
+    run_dir = Path(params["RUN_DIR"])
+    stray = sorted(k for k in os.environ if k.startswith("COCO_") and k != "COCO_HEADLESS")
+    if stray:  # the tests' way to set parameters; here papermill's -p is the one way
+        print(f"note: ignoring {', '.join(stray)}: set parameters with -p NAME VALUE", flush=True)
+        for key in stray:
+            del os.environ[key]
+    os.environ.update(kernel_environment())
     if not args.quiet:
-        print("settings:", {k: v for k, v in sorted(os.environ.items()) if k.startswith("COCO_")}, flush=True)
+        print("parameters:", params, flush=True)
+
+    from papermill.exceptions import PapermillExecutionError
 
     t0 = time.perf_counter()
-    seconds = execute(ROOT / "challenge.ipynb", run_dir / "challenge.ipynb", args.timeout, args.quiet)
-    print(f"challenge notebook: {seconds:.0f}s -> {run_dir / 'challenge.ipynb'}", flush=True)
-    if (run_dir / "results.csv").exists():
-        import pandas as pd
-        table = pd.read_csv(run_dir / "results.csv", index_col=0)
-        cols = [c for c in ("f1_0.5", "f1_global", "f1_per_class", "f1_per_class_heldout", "f1_oof_halves",
-                            "f1_oof_thresholds", "macro_f1_oof_thresholds", "mAP", "train_minutes") if c in table]
-        print("validation scores (course F1 unless named):\n" + table[cols].round(4).to_string(), flush=True)
-    if not args.no_analysis and (ROOT / "analysis.ipynb").exists():
-        seconds = execute(ROOT / "analysis.ipynb", run_dir / "analysis.ipynb", args.timeout, args.quiet)
-        print(f"analysis notebook: {seconds:.0f}s -> {run_dir / 'analysis.ipynb'}", flush=True)
-    submission = run_dir / "submission.json"
+    try:
+        if uses_cpu_recipe(args):
+            import cpu_recipe
+
+            print("no GPU here and no backbone named: the offline CPU recipe (cpu_recipe.py: "
+                  "frozen EfficientNet-Lite0/1/2, logistic heads, their ensemble, out-of-fold "
+                  "thresholds), not the challenge notebook; name --backbones to run the "
+                  "notebook", flush=True)  # fmt: skip
+            cpu_recipe.run(params["DATA_ROOT"], run_dir, seed=params.get("SEED", 0))
+        else:
+            out = run_dir / "challenge.ipynb"
+            seconds = execute(ROOT / "challenge.ipynb", out, params, args.quiet)
+            print(f"challenge notebook: {seconds:.0f}s -> {out}", flush=True)
+        if not args.no_analysis:
+            out = run_dir / "analysis.ipynb"
+            seconds = execute(ROOT / "analysis.ipynb", out, {"RUN_DIR": str(run_dir)}, args.quiet)
+            print(f"analysis notebook: {seconds:.0f}s -> {out}", flush=True)
+    except PapermillExecutionError as err:
+        print(f"\n{err.ename}: {err.evalue}", file=sys.stderr)
+        if err.ename not in SELF_EXPLAINING:
+            print("".join(err.traceback[-3:]), file=sys.stderr)
+        print(f"(the full traceback is in the executed notebook in {run_dir})", file=sys.stderr)
+        return 1
+    except Exception as err:  # the CPU recipe runs here, not in a kernel
+        if type(err).__name__ not in SELF_EXPLAINING:
+            raise
+        print(f"\n{type(err).__name__}: {err}", file=sys.stderr)
+        return 1
     print(f"total {time.perf_counter() - t0:.0f}s")
     if args.update_notebooks:
         import shutil
+
         for name in ("challenge.ipynb", "analysis.ipynb"):
             shutil.copyfile(run_dir / name, ROOT / name)
             print(f"{name}: committed outputs replaced by this run's")
     if args.handin:
-        sys.path.insert(0, str(ROOT))
         from cocochallenge.handin import pack
+
         pack(run_dir)
+    submission = run_dir / "submission.json"
     print(f"submission: {submission}" if submission.exists() else "no submission was written")
     return 0 if submission.exists() else 1
 

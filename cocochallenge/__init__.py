@@ -16,4 +16,5 @@ together with the pieces here. Modules import downward only, in this order::
 
 Importing the package has no side effects: nothing is downloaded, written or printed.
 """
+
 __version__ = "0.2.0"

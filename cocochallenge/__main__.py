@@ -1,4 +1,5 @@
 """``python -m cocochallenge ...``: see :mod:`cocochallenge.cli`."""
+
 import sys
 
 from .cli import main

@@ -6,23 +6,38 @@ the saved validation scores into tables with the metric code of :mod:`cocochalle
 could have chosen its thresholds and its submission with. The figures are in
 :mod:`cocochallenge.plots`.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
+import pandas as pd
 
 from .data import data_paths, read_label_matrix
 from .files import load_json
-from .metrics import (COURSE_LOGIT_THRESHOLD_AS_PROB, THRESHOLD_GRID, _counts, apply_thresholds, course_scores, evaluate_predictions, tune_thresholds)
+from .metrics import (
+    COURSE_LOGIT_THRESHOLD_AS_PROB,
+    THRESHOLD_GRID,
+    apply_thresholds,
+    course_scores,
+    evaluate_predictions,
+    tune_thresholds,
+)
 from .runs import load_scores
 
-if TYPE_CHECKING:
-    import pandas as pd
+#: The measurements behind the notebook's defaults (tools/ablation/README.md), in the project.
+EVIDENCE = Path(__file__).resolve().parents[1] / "tools" / "ablation" / "evidence.csv"
 
 #: How the best value of a table column is shown (bold on green: readable in print too).
 BEST_CELL_STYLE = "font-weight: bold; background-color: #c6efce"
+
+
+class RunNotFound(FileNotFoundError):
+    """The run folder lacks what the challenge notebook writes; shown as its message alone."""
+
+    def _render_traceback_(self):  # IPython shows these lines instead of a traceback
+        return [f"{type(self).__name__}: {self}"]
 
 
 class RunArtifacts:
@@ -39,10 +54,13 @@ class RunArtifacts:
     def __init__(self, run_dir: Path | str):
         self.run_dir = Path(run_dir).expanduser()
         hint = f"run challenge.ipynb to the end with RUN_DIR={self.run_dir} first"
-        missing = [n for n in ("config.json", "summary.json", "split.json", "thresholds.json")
-                   if not (self.run_dir / n).is_file()]
+        missing = [
+            n
+            for n in ("config.json", "summary.json", "split.json", "thresholds.json")
+            if not (self.run_dir / n).is_file()
+        ]
         if missing:
-            raise FileNotFoundError(f"{self.run_dir}: {', '.join(missing)} not found: {hint}")
+            raise RunNotFound(f"{self.run_dir}: {', '.join(missing)} not found: {hint}")
         self.config = load_json(self.run_dir / "config.json")
         self.summary = load_json(self.run_dir / "summary.json")
         self.split = load_json(self.run_dir / "split.json")
@@ -50,13 +68,13 @@ class RunArtifacts:
         self.names = list(self.config["backbones"])
         self.tta = bool(self.config.get("tta", True))
         self.at_least_one = bool(self.config.get("at_least_one", True))
-        self.min_positives = int(self.config.get("min_positives", 5))
+        self.shrink = float(self.config.get("shrink", 10))
         self.val, self.results, self.history = {}, {}, {}
         for name in self.names:
             folder = self.run_dir / "models" / name
             for f in ("val_scores.npz", "result.json", "history.json"):
                 if not (folder / f).is_file():
-                    raise FileNotFoundError(f"{folder / f} not found (model {name} unfinished): {hint}")
+                    raise RunNotFound(f"{folder / f} not found (model {name} unfinished): {hint}")
             self.val[name] = load_scores(self.run_dir, name, "val")
             self.results[name] = load_json(folder / "result.json")
             self.history[name] = load_json(folder / "history.json")
@@ -65,8 +83,10 @@ class RunArtifacts:
         self.stems = [str(s) for s in first["stems"]]
         for name in self.names[1:]:
             if [str(s) for s in self.val[name]["stems"]] != self.stems:
-                raise ValueError(f"{name}'s validation images differ from {self.names[0]}'s: "
-                                 "the models of one run must share its split")
+                raise ValueError(
+                    f"{name}'s validation images differ from {self.names[0]}'s: "
+                    "the models of one run must share its split"
+                )
         key = "probs_tta" if self.tta else "probs"
         self.probs = {n: self.val[n][key] for n in self.names}
         if len(self.names) > 1:
@@ -75,8 +95,9 @@ class RunArtifacts:
         absent = [m for m in self.models if m not in self.saved_thresholds]
         if absent:
             raise ValueError(f"thresholds.json has no entry for {absent}: {hint}")
-        self.thresholds = {m: np.asarray(self.saved_thresholds[m]["per_class"], dtype=float)
-                           for m in self.models}
+        self.thresholds = {
+            m: np.asarray(self.saved_thresholds[m]["per_class"], dtype=float) for m in self.models
+        }
         self.global_thresholds = {m: float(self.saved_thresholds[m]["global"]) for m in self.models}
         self.data_root = Path(self.summary.get("data_root") or self.config.get("data_root") or ".")
 
@@ -108,7 +129,7 @@ class RunArtifacts:
         return read_label_matrix(folder, names)
 
 
-def comparison_table(run: RunArtifacts) -> "pd.DataFrame":
+def comparison_table(run: RunArtifacts) -> pd.DataFrame:
     """One row per model (and the ensemble): course F1 at each thresholding step, standard
     metrics and the costs a team weighs them against.
 
@@ -118,70 +139,61 @@ def comparison_table(run: RunArtifacts) -> "pd.DataFrame":
     at the best global threshold, at per-class thresholds (tuned and scored on the same
     images: optimistic) and held out (tuned on one half, scored on the other); macro and
     micro F1 and mAP at the submission's thresholds; parameters, training time and inference
-    speed (validation images per second, with flip TTA when the run used it). The ensemble costs the sum
+    speed (validation images per second, with flip TTA when the run used it). The ensemble
+    costs the sum
     of its members and runs them one after the other.
     """
-    import pandas as pd
     rows = []
     for m in run.models:
-        t = tune_thresholds(run.targets, run.probs[m], run.min_positives, run.at_least_one)
+        t = tune_thresholds(run.targets, run.probs[m], run.shrink, run.at_least_one)
         members = run.names if m == "ensemble" else [m]
         res = [run.results[n] for n in members]
         speed = [r.get("val_images_per_second") or np.nan for r in res]
-        rows.append({
-            "model": m, "F1 raw>0.5": t["f1_logit_0.5"], "F1 @0.5": t["f1_0.5"],
-            "threshold": t["global_threshold"], "F1 global": t["f1_global"],
-            "F1 per-class": t["f1_per_class"], "F1 held-out": t["f1_per_class_heldout"],
-            "macro F1": t["macro_f1"], "micro F1": t["micro_f1"], "mAP": t["mAP"],
-            "params (M)": sum(r["parameters"] for r in res) / 1e6,
-            "train (min)": sum(r["train_seconds"] for r in res) / 60,
-            "images/s": 1.0 / sum(1.0 / s for s in speed),
-        })
+        rows.append(
+            {
+                "model": m,
+                "F1 raw>0.5": t["f1_logit_0.5"],
+                "F1 @0.5": t["f1_0.5"],
+                "threshold": t["global_threshold"],
+                "F1 global": t["f1_global"],
+                "F1 per-class": t["f1_per_class"],
+                "F1 held-out": t["f1_heldout"],
+                "macro F1": t["macro_f1"],
+                "micro F1": t["micro_f1"],
+                "mAP": t["mAP"],
+                "params (M)": sum(r["parameters"] for r in res) / 1e6,
+                "train (min)": sum(r["train_seconds"] for r in res) / 60,
+                "images/s": 1.0 / sum(1.0 / s for s in speed),
+            }
+        )
     return pd.DataFrame(rows).set_index("model")
 
 
-def best_mask(table: "pd.DataFrame", lower=(), skip=()) -> "pd.DataFrame":
-    """True where a cell holds its column's best value (highest; lowest for ``lower``).
-
-    Columns in ``skip`` (settings such as a threshold, not scores) are never marked.
-    NaN is never best; ties are all marked.
+def highlight_best(
+    table: pd.DataFrame, lower=(), skip=(), precision: int = 4, transpose: bool = False
+):
+    """The table as a pandas ``Styler``, each column's best value in bold on green (pandas'
+    ``highlight_max``/``highlight_min``; lowest is best for the ``lower`` columns, ``skip``
+    columns are settings, not scores). With a single model nothing is marked: everything would
+    be "best". ``transpose`` shows models as columns (narrow enough for JupyterLab's width).
     """
-    import pandas as pd
-    out = pd.DataFrame(False, index=table.index, columns=table.columns)
-    for col in table.columns:
-        if col in skip or not pd.api.types.is_numeric_dtype(table[col]):
-            continue
-        values = table[col].astype(float)
-        if values.isna().all():
-            continue
-        best = values.min() if col in lower else values.max()
-        out[col] = np.isclose(values, best, rtol=0, atol=1e-12) & values.notna()
-    return out
-
-
-def highlight_best(table: "pd.DataFrame", lower=(), skip=(), precision: int = 4, transpose: bool = False):
-    """The table as a pandas ``Styler``: each column's best value in bold on green, and marked ★.
-
-    A comparison table is read column by column ("which model is fastest?"); marking each
-    column's winner answers that without scanning the digits. The ★ is text, so the meaning
-    survives where the colours do not (an untrusted notebook in JupyterLab drops the styles,
-    and so does a print-out). With a single model nothing is marked: everything would be
-    "best". ``transpose`` shows models as columns (narrow enough for JupyterLab's width).
-    """
-    import pandas as pd
-    mask = best_mask(table, lower, skip) if len(table) > 1 else pd.DataFrame(False, table.index, table.columns)
-    shown, mask = (table.T, mask.T) if transpose else (table, mask)
+    shown = table.T if transpose else table
     style = shown.style.format(precision=precision)
-    for row, col in zip(*np.nonzero(mask.to_numpy())):
-        cell = pd.IndexSlice[shown.index[[row]], shown.columns[[col]]]
-        style = style.format(lambda v: f"{v:.{precision}f} ★", subset=cell)
-    if mask.to_numpy().any():
-        style = (style.apply(lambda _: np.where(mask, BEST_CELL_STYLE, ""), axis=None)
-                 .set_caption("★ best of its " + ("row" if transpose else "column")))
-    return style
+    if len(table) < 2:
+        return style
+    axis = 1 if transpose else 0
+    cols = [c for c in table.columns if c not in skip and pd.api.types.is_numeric_dtype(table[c])]
+    high = [c for c in cols if c not in lower]
+    low = [c for c in cols if c in lower]
+    subset = (lambda cs: pd.IndexSlice[cs, :]) if transpose else (lambda cs: pd.IndexSlice[:, cs])
+    if high:
+        style = style.highlight_max(subset=subset(high), axis=axis, props=BEST_CELL_STYLE)
+    if low:
+        style = style.highlight_min(subset=subset(low), axis=axis, props=BEST_CELL_STYLE)
+    return style.set_caption("best of each " + ("row" if transpose else "column") + " in bold")
 
 
-def phase_summary(history: dict) -> "pd.DataFrame":
+def phase_summary(history: dict) -> pd.DataFrame:
     """Per model and phase: epochs, seconds per epoch, best validation mAP and course F1 at
     0.5, last losses; from the saved histories (``{model: [epoch rows]}``).
 
@@ -190,25 +202,30 @@ def phase_summary(history: dict) -> "pd.DataFrame":
     when a run kept one), at what cost per epoch, and whether validation loss rose while
     training loss fell (over-fitting).
     """
-    import pandas as pd
     rows = []
     for name, hist in history.items():
         for phase in ("frozen", "finetune"):
             rs = [r for r in hist if r.get("phase") == phase]
             if not rs:
                 continue
-            rows.append({"model": name, "phase": phase, "epochs": len(rs),
-                         "s/epoch": float(np.mean([r.get("seconds", np.nan) for r in rs])),
-                         "best val mAP": max(r.get("val_mAP", np.nan) for r in rs),
-                         "best val F1@0.5": max(r.get("val_f1", np.nan) for r in rs),
-                         "best EMA mAP": max(r.get("ema_mAP", np.nan) for r in rs),
-                         "last train loss": rs[-1].get("train_loss", np.nan),
-                         "last val loss": rs[-1].get("val_loss", np.nan)})
+            rows.append(
+                {
+                    "model": name,
+                    "phase": phase,
+                    "epochs": len(rs),
+                    "s/epoch": float(np.mean([r.get("seconds", np.nan) for r in rs])),
+                    "best val mAP": max(r.get("val_mAP", np.nan) for r in rs),
+                    "best val F1@0.5": max(r.get("val_f1", np.nan) for r in rs),
+                    "best EMA mAP": max(r.get("ema_mAP", np.nan) for r in rs),
+                    "last train loss": rs[-1].get("train_loss", np.nan),
+                    "last val loss": rs[-1].get("val_loss", np.nan),
+                }
+            )
     table = pd.DataFrame(rows).set_index(["model", "phase"])
     return table.drop(columns="best EMA mAP") if table["best EMA mAP"].isna().all() else table
 
 
-def best_and_worst(report: "pd.DataFrame", n: int = 10) -> tuple:
+def best_and_worst(report: pd.DataFrame, n: int = 10) -> tuple:
     """``(best, worst)``: the ``n`` classes with the highest and the lowest F1.
 
     Only classes with validation positives are ranked (F1 says nothing about a class that
@@ -221,7 +238,7 @@ def best_and_worst(report: "pd.DataFrame", n: int = 10) -> tuple:
     return best, worst
 
 
-def threshold_sweep(targets: np.ndarray, probs: np.ndarray, grid=THRESHOLD_GRID) -> "pd.DataFrame":
+def threshold_sweep(targets: np.ndarray, probs: np.ndarray, grid=THRESHOLD_GRID) -> pd.DataFrame:
     """Course F1, macro F1 and labels per image for one global threshold at each grid value.
 
     Course F1 comes from :func:`course_scores`; macro F1 from the same counts over the
@@ -229,25 +246,34 @@ def threshold_sweep(targets: np.ndarray, probs: np.ndarray, grid=THRESHOLD_GRID)
     agree). Counting once per threshold, instead of calling :func:`evaluate_predictions`
     (which also computes mAP), keeps a 97-point sweep of 6,500 images under a second.
     """
-    import pandas as pd
     y = np.asarray(targets).astype(bool)
     probs = np.asarray(probs)
     has = y.any(0)
     rows = []
     for t in grid:
         pred = probs > t
-        tp, fp, pos = _counts(y, pred)
+        tp, fp, pos = (y & pred).sum(0), (~y & pred).sum(0), y.sum(0)
         denom = 2 * tp + fp + (pos - tp)
         f1_c = np.where(denom > 0, 2 * tp / np.where(denom > 0, denom, 1), 0.0)
-        rows.append({"threshold": float(t), "course_f1": course_scores(tp, fp, pos)["f1"],
-                     "macro_f1": float(f1_c[has].mean()) if has.any() else 0.0,
-                     "labels_per_image": float(pred.sum(1).mean()) if len(pred) else 0.0})
+        rows.append(
+            {
+                "threshold": float(t),
+                "course_f1": course_scores(tp, fp, pos)["f1"],
+                "macro_f1": float(f1_c[has].mean()) if has.any() else 0.0,
+                "labels_per_image": float(pred.sum(1).mean()) if len(pred) else 0.0,
+            }
+        )
     return pd.DataFrame(rows)
 
 
-def threshold_steps(targets: np.ndarray, probs: np.ndarray, probs_tta: np.ndarray | None,
-                    ensemble: np.ndarray | None = None, min_positives: int = 5,
-                    seed: int = 0) -> "pd.DataFrame":
+def threshold_steps(
+    targets: np.ndarray,
+    probs: np.ndarray,
+    probs_tta: np.ndarray | None,
+    ensemble: np.ndarray | None = None,
+    shrink: float = 10.0,
+    seed: int = 0,
+) -> pd.DataFrame:
     """What each step from the course's recipe to the submission adds, on validation.
 
     Steps, each on top of the previous: the course recipe (raw outputs > 0.5), the sigmoid
@@ -259,32 +285,49 @@ def threshold_steps(targets: np.ndarray, probs: np.ndarray, probs_tta: np.ndarra
     tuned steps also the held-out course F1 of :func:`tune_thresholds` (the honest one), and
     the gain of each step over the previous one.
     """
-    import pandas as pd
     y = np.asarray(targets).astype(bool)
     rows = []
 
     def add(step, p, thr, at_least_one, heldout=np.nan):
         m = evaluate_predictions(y, p, thr, at_least_one)
-        rows.append({"step": step, "course F1": m["course_f1"], "held-out": heldout,
-                     "precision": m["precision"], "recall": m["recall"], "macro F1": m["macro_f1"],
-                     "labels/image": m["labels_per_image"]})
+        rows.append(
+            {
+                "step": step,
+                "course F1": m["course_f1"],
+                "held-out": heldout,
+                "precision": m["precision"],
+                "recall": m["recall"],
+                "macro F1": m["macro_f1"],
+                "labels/image": m["labels_per_image"],
+            }
+        )
 
-    plain = tune_thresholds(y, probs, min_positives, at_least_one=False, seed=seed)
-    top1 = tune_thresholds(y, probs, min_positives, at_least_one=True, seed=seed)
+    plain = tune_thresholds(y, probs, shrink, at_least_one=False, seed=seed)
+    top1 = tune_thresholds(y, probs, shrink, at_least_one=True, seed=seed)
     add("course recipe: raw output > 0.5", probs, COURSE_LOGIT_THRESHOLD_AS_PROB, False)
     add("sigmoid: probability > 0.5", probs, 0.5, False)
     # the steps before flip TTA use the plain scores: their threshold differs from the one the
     # comparison table reports on TTA scores, and the label says so
-    add(f"best global threshold ({plain['global_threshold']:.2f} on scores without TTA)", probs,
-        plain["global_threshold"], False)
-    add("per-class thresholds", probs, plain["per_class"], False, plain["f1_per_class_heldout"])
-    add("+ top-1 guarantee", probs, top1["per_class"], True, top1["f1_per_class_heldout"])
+    add(
+        f"best global threshold ({plain['global_threshold']:.2f} on scores without TTA)",
+        probs,
+        plain["global_threshold"],
+        False,
+    )
+    add(
+        f"per-class thresholds (shrunk by {shrink:g})",
+        probs,
+        plain["per_class"],
+        False,
+        plain["f1_heldout"],
+    )
+    add("+ top-1 guarantee", probs, top1["per_class"], True, top1["f1_heldout"])
     if probs_tta is not None:
-        tta = tune_thresholds(y, probs_tta, min_positives, at_least_one=True, seed=seed)
-        add("+ flip TTA", probs_tta, tta["per_class"], True, tta["f1_per_class_heldout"])
+        tta = tune_thresholds(y, probs_tta, shrink, at_least_one=True, seed=seed)
+        add("+ flip TTA", probs_tta, tta["per_class"], True, tta["f1_heldout"])
     if ensemble is not None:
-        ens = tune_thresholds(y, ensemble, min_positives, at_least_one=True, seed=seed)
-        add("+ ensemble", ensemble, ens["per_class"], True, ens["f1_per_class_heldout"])
+        ens = tune_thresholds(y, ensemble, shrink, at_least_one=True, seed=seed)
+        add("+ ensemble", ensemble, ens["per_class"], True, ens["f1_heldout"])
     table = pd.DataFrame(rows).set_index("step")
     table.insert(1, "gain", table["course F1"].diff())
     table.insert(3, "held-out gain", table["held-out"].diff())
@@ -302,11 +345,14 @@ def pick_classes(support, n: int = 4) -> dict:
     return {"frequent": frequent, "rare": rare}
 
 
-def error_examples(targets: np.ndarray, pred: np.ndarray, probs: np.ndarray, cls: int, n: int = 3) -> tuple:
+def error_examples(
+    targets: np.ndarray, pred: np.ndarray, probs: np.ndarray, cls: int, n: int = 3
+) -> tuple:
     """``(false positives, false negatives)`` of class ``cls``: row indices, worst first.
 
     The most confident false positives and the most confidently missed positives (the
-    positives the model scored lowest) are the instructive ones: a missing annotation, a look-alike class, an object too small to see.
+    positives the model scored lowest) are the instructive ones: a missing annotation, a
+    look-alike class, an object too small to see.
     """
     y = np.asarray(targets)[:, cls].astype(bool)
     p = np.asarray(pred)[:, cls].astype(bool)
@@ -346,9 +392,8 @@ def cooccurrence_similarity(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(a[ok], b[ok])[0, 1])
 
 
-def label_count_table(targets: np.ndarray, pred: np.ndarray, cap: int = 10) -> "pd.DataFrame":
+def label_count_table(targets: np.ndarray, pred: np.ndarray, cap: int = 10) -> pd.DataFrame:
     """Images by (true labels, predicted labels) count, counts above ``cap`` pooled as ``cap``."""
-    import pandas as pd
     t = np.minimum(np.asarray(targets).sum(1), cap)
     p = np.minimum(np.asarray(pred).sum(1), cap)
     table = pd.crosstab(pd.Series(t, name="true labels"), pd.Series(p, name="predicted labels"))
@@ -356,8 +401,7 @@ def label_count_table(targets: np.ndarray, pred: np.ndarray, cap: int = 10) -> "
     return table.reindex(index=full, columns=full, fill_value=0)
 
 
-
-def points_lost(report: "pd.DataFrame") -> "pd.DataFrame":
+def points_lost(report: pd.DataFrame) -> pd.DataFrame:
     """Per class: its weight in the course metric and what it costs in precision and in recall.
 
     The course precision and recall are class averages weighted by 1/positives (classes with

@@ -17,9 +17,11 @@ project yet, so the rates are references, and labelled as such:
 ``python benchmark.py --device cuda`` measures the real rates on your GPU and prints its own
 projection; ``tools/gpu_check.py`` runs it.
 """
+
 from __future__ import annotations
 
-#: backbone -> (training images/s on an RTX 3090 with AMP, the input size it was measured at, timm model)
+#: backbone -> (training images/s on an RTX 3090 with AMP, the input size it was measured at,
+#: timm model)
 REFERENCE_TRAIN_IPS = {
     "mobilenet_v3_large": (2732.0, 224, "mobilenetv3_large_100"),
     "resnet50": (1218.0, 224, "resnet50"),
@@ -43,12 +45,22 @@ def reference_rates(name: str, size: int, workers: int = 8) -> dict:
     ips, at, _ = REFERENCE_TRAIN_IPS[name]
     train = ips * (at / size) ** 2
     loader = LOADER_IPS_PER_WORKER_224 * (224 / size) ** 2 * max(1, workers)
-    return {"train": min(train, loader), "forward": min(FORWARD_SPEEDUP * train, loader),
-            "bound": "loader" if loader < train else "GPU"}
+    return {
+        "train": min(train, loader),
+        "forward": min(FORWARD_SPEEDUP * train, loader),
+        "bound": "loader" if loader < train else "GPU",
+    }
 
 
-def run_seconds(rates: dict, n_train: int, n_val: int, n_test: int, epochs_finetune: int,
-                tta: bool = True, ema: bool = True) -> float:
+def run_seconds(
+    rates: dict,
+    n_train: int,
+    n_val: int,
+    n_test: int,
+    epochs_finetune: int,
+    tta: bool = True,
+    ema: bool = True,
+) -> float:
     """Seconds of one backbone's run: features once, fine-tuning epochs, final predictions.
 
     Features of train + validation once (the frozen phase's head epochs on cached features
@@ -57,16 +69,34 @@ def run_seconds(rates: dict, n_train: int, n_val: int, n_test: int, epochs_finet
     ``rates`` holds images/s under ``train`` and ``forward``, and may hold a measured ``tta``
     rate (images/s with flip TTA, as ``benchmark.py`` measures it) for the final predictions.
     """
-    final = (n_val + n_test) / rates["tta"] if tta and "tta" in rates else \
-        (2 if tta else 1) * (n_val + n_test) / rates["forward"]
+    final = (
+        (n_val + n_test) / rates["tta"]
+        if tta and "tta" in rates
+        else (2 if tta else 1) * (n_val + n_test) / rates["forward"]
+    )
     per_epoch = n_train / rates["train"] + (2 if ema else 1) * n_val / rates["forward"]
     return (n_train + n_val) / rates["forward"] + epochs_finetune * per_epoch + final
 
 
-def projected_hours(backbones, size_of, epochs_finetune: int, tta: bool = True, ema: bool = True,
-                    workers: int = 8, sizes: dict | None = None) -> dict:
+def projected_hours(
+    backbones,
+    size_of,
+    epochs_finetune: int,
+    tta: bool = True,
+    ema: bool = True,
+    workers: int = 8,
+    sizes: dict | None = None,
+) -> dict:
     """``{backbone: hours}`` at the reference rates; ``size_of(name)`` gives its input size."""
     sizes = sizes or COURSE_SIZES
-    return {name: run_seconds(reference_rates(name, size_of(name), workers), epochs_finetune=epochs_finetune,
-                              tta=tta, ema=ema, **sizes) / 3600
-            for name in backbones}
+    return {
+        name: run_seconds(
+            reference_rates(name, size_of(name), workers),
+            epochs_finetune=epochs_finetune,
+            tta=tta,
+            ema=ema,
+            **sizes,
+        )
+        / 3600
+        for name in backbones
+    }

@@ -5,6 +5,7 @@ whole state (model or head, optimiser, scheduler, history, random generators) is
 atomically, so running the notebook again continues after the last complete epoch with the
 same batches an uninterrupted run would have drawn.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,8 +25,12 @@ def seed_epoch(seed: int, epoch: int) -> None:
 
 
 def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
 
 
 def _set_rng_state(state: dict) -> None:
@@ -68,7 +73,9 @@ class PhaseCheckpoint:
         log(f"[{self.phase}] resuming after epoch {start} from {self.last_path.name}")
         return start
 
-    def save(self, epoch: int, row: dict, score: float, best_module: torch.nn.Module | None = None) -> bool:
+    def save(
+        self, epoch: int, row: dict, score: float, best_module: torch.nn.Module | None = None
+    ) -> bool:
         """Record a finished epoch (0-based): best model if improved, then the full state.
 
         ``best_module`` is what the best checkpoint keeps when it is not ``state['model']``
@@ -79,36 +86,62 @@ class PhaseCheckpoint:
         if improved:
             self.best, self.best_epoch = score, epoch + 1
             module = best_module if best_module is not None else self.state["model"]
-            torch_save_atomic({"model": module.state_dict(), "epoch": epoch + 1,
-                               "score": score}, self.best_path)
-        torch_save_atomic({"state": {k: (v.state_dict() if v is not None else None)
-                                     for k, v in self.state.items()},
-                           "history": self.history, "best": self.best, "best_epoch": self.best_epoch,
-                           "epoch": epoch, "rng": _rng_state()}, self.last_path)
+            torch_save_atomic(
+                {"model": module.state_dict(), "epoch": epoch + 1, "score": score}, self.best_path
+            )
+        torch_save_atomic(
+            {
+                "state": {
+                    k: (v.state_dict() if v is not None else None) for k, v in self.state.items()
+                },
+                "history": self.history,
+                "best": self.best,
+                "best_epoch": self.best_epoch,
+                "epoch": epoch,
+                "rng": _rng_state(),
+            },
+            self.last_path,
+        )
         return improved
 
     def load_best(self, module: torch.nn.Module) -> None:
         """Put the best epoch's weights into ``module`` (the one ``state['model']`` was)."""
         if self.best_path.exists():
-            module.load_state_dict(torch.load(self.best_path, map_location="cpu", weights_only=True)["model"])
+            module.load_state_dict(
+                torch.load(self.best_path, map_location="cpu", weights_only=True)["model"]
+            )
 
 
-def epoch_row(phase: str, epoch: int, offset: int, seconds: float, train: dict, val: dict,
-              ema: dict | None = None) -> dict:
+def epoch_row(
+    phase: str,
+    epoch: int,
+    offset: int,
+    seconds: float,
+    train: dict,
+    val: dict,
+    ema: dict | None = None,
+) -> dict:
     """One history row: phase, epochs, time, then ``train_*``, ``val_*`` and ``ema_*`` scalars.
 
     ``ema`` holds the validation of the weights' moving average, when there is one.
     """
     scalars = lambda d: {k: v for k, v in (d or {}).items() if isinstance(v, (int, float))}  # noqa: E731
-    return {"phase": phase, "epoch": epoch + 1, "global_epoch": offset + epoch + 1, "seconds": seconds,
-            **{f"train_{k}": v for k, v in scalars(train).items()},
-            **{f"val_{k}": v for k, v in scalars(val).items()},
-            **{f"ema_{k}": v for k, v in scalars(ema).items()}}
+    return {
+        "phase": phase,
+        "epoch": epoch + 1,
+        "global_epoch": offset + epoch + 1,
+        "seconds": seconds,
+        **{f"train_{k}": v for k, v in scalars(train).items()},
+        **{f"val_{k}": v for k, v in scalars(val).items()},
+        **{f"ema_{k}": v for k, v in scalars(ema).items()},
+    }
 
 
 def epoch_line(row: dict, epochs: int, improved: bool) -> str:
     """The printed summary of an epoch, short enough not to wrap in JupyterLab (< 100 chars)."""
     ema = f" EMA {row['ema_mAP']:.4f}" if "ema_mAP" in row else ""
-    return (f"{row['phase']:>8} {row['epoch']:>2}/{epochs}  loss {row['train_loss']:.4f} / "
-            f"{row['val_loss']:.4f}  F1@0.5 {row['val_f1']:.3f}  mAP {row['val_mAP']:.4f}{ema} "
-            f"{row['seconds']:5.1f}s{' *best' if improved else ''}")
+    return (
+        f"{row['phase']:>8} {row['epoch']:>2}/{epochs}  loss {row['train_loss']:.4f} / "
+        f"{row['val_loss']:.4f}  F1@0.5 {row['val_f1']:.3f}  mAP {row['val_mAP']:.4f}{ema} "
+        f"{row['seconds']:5.1f}s{' *best' if improved else ''}"
+    )

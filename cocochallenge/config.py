@@ -1,10 +1,15 @@
-"""Constants and run-time settings: class names, environment overrides, seeds, the device.
+"""Constants and the settings of a run: class names, the library's options, seeds, the device.
 
-Everything the notebooks' parameters cell needs before any data is touched lives here, so
-that the other modules can stay free of global state.
+A notebook's parameters cell holds the few settings a student decides. Everything else is an
+option here, with its default (``OPTIONS``), overridable through the ``OPTIONS`` dict of the
+parameters cell; the device-dependent ones (mixed precision, loader workers) are chosen for
+the device when left at ``None``. :func:`settings` puts the three together and says where
+each value in force came from.
 """
+
 from __future__ import annotations
 
+import json
 import os
 import platform
 import random
@@ -25,46 +30,112 @@ CLASSES = (
     "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote",
     "keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book",
     "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
-)
+)  # fmt: skip
 NUM_CLASSES = len(CLASSES)
 
 #: Where the course JupyterHub unzips ``ms-coco.zip``.
 COURSE_DATA_ROOT = Path("/home/jovyan/ms-coco")
 
-def _cast_like(default, text: str):
+#: The library's options: what a run needs beyond the parameters cell, with its default.
+#: ``None`` means "chosen for the device" (see :func:`device_choices`).
+OPTIONS = {
+    # model and input
+    "img_size": 0,           # 0 = the input size of the backbone's weights
+    "pad": False,            # True: keep the aspect and pad to a square (measured worse)
+    "dropout": 0.2,          # the course head's dropout
+    "weight_decay": 1e-4,    # AdamW, both phases (none on norms and biases)
+    "freeze_bn": True,       # fine-tuning keeps BatchNorm's ImageNet statistics (measured)
+    # after training: thresholds, flip TTA, the ensemble
+    "shrink": 10,            # per-class thresholds pulled toward the global one by 10 positives
+    "at_least_one": True,    # every image gets at least its most probable class
+    "tta": True,             # horizontal-flip test-time augmentation
+    # the run
+    "retrain": [],           # backbones to train again in this run folder; ["all"]: everything
+    "refit": False,          # the optional refit on train + validation (end of the notebook)
+    "max_images": 0,         # 0 = every training image
+    "demo_train": 1000,      # sizes of the generated demo data (DATA_ROOT = "demo")
+    "demo_test": 200,
+    "demo_dir": "data/demo/ms-coco",
+    # engineering, chosen for the device when None
+    "device": "auto",        # "auto", "cuda" or "cpu"
+    "amp": None,             # mixed precision: bfloat16 (or float16) on CUDA, off on a CPU
+    "channels_last": True,   # faster convolutions on CUDA and on CPUs alike (benchmark.py)
+    "compile": False,        # torch.compile for fine-tuning (opt-in: a long first epoch)
+    "workers": None,         # loader workers: 8 on CUDA, 2 on a CPU (at most the cores)
+    "progress": True,        # progress bars
+}  # fmt: skip
+
+
+def _cast_like(default, text: str, name: str):
     """Cast an environment string to the type of the parameter's default value."""
-    if isinstance(default, bool):
-        low = text.strip().lower()
-        if low in ("1", "true", "yes", "on"):
-            return True
-        if low in ("0", "false", "no", "off", ""):
-            return False
-        raise ValueError(f"cannot read {text!r} as a boolean (use 1/0, true/false)")
-    if isinstance(default, int):
-        return int(text)
-    if isinstance(default, float):
-        return float(text)
-    if isinstance(default, (list, tuple)):
-        return [t.strip() for t in text.split(",") if t.strip()]
+    try:
+        if isinstance(default, bool):
+            low = text.strip().lower()
+            if low not in ("1", "true", "yes", "on", "0", "false", "no", "off", ""):
+                raise ValueError("use 1/0 or true/false")
+            return low in ("1", "true", "yes", "on")
+        if isinstance(default, int):
+            return int(text)
+        if isinstance(default, float):
+            return float(text)
+        if isinstance(default, (list, tuple)):
+            return [t.strip() for t in text.split(",") if t.strip()]
+        if isinstance(default, dict):
+            return json.loads(text)
+    except ValueError as err:
+        raise ValueError(f"environment variable {name}={text!r}: {err}") from None
     return text
 
 
-def env_config(params: dict, prefix: str = "COCO_") -> dict:
-    """Override notebook parameters from ``COCO_<NAME>`` environment variables.
+def device_choices(device: torch.device, cpus: int | None = None) -> dict:
+    """The engineering options that depend on the device, as :data:`OPTIONS` leaves them."""
+    cpus = cpus or os.cpu_count() or 1
+    cuda = device.type == "cuda"
+    return {"amp": cuda, "workers": min(8 if cuda else 2, cpus)}
 
-    The notebooks keep one ``parameters`` cell (papermill can rewrite it); the environment
-    wins over it so that a headless run, a test or a teammate can change a value without
-    editing the notebook. Values are cast to the type of the default, so a typo fails loudly.
+
+def settings(namespace: dict, options: bool = True, prefix: str = "COCO_") -> tuple[dict, dict]:
+    """``(cfg, source)``: every setting in force, and where each value came from.
+
+    ``namespace`` is the notebook's: its UPPER_CASE names are the parameters cell's (papermill
+    adds its injected cell below it, which a reader sees). ``COCO_<NAME>`` environment
+    variables override them: the tests and nbval set the notebooks' parameters that way,
+    being unable to edit the cell. ``OPTIONS`` in the cell (or ``COCO_OPTIONS``, JSON)
+    overrides the library's defaults; the rest are those defaults, or chosen for the device
+    (left out with ``options=False``: the analysis notebook has no use for them).
     """
-    out = dict(params)
-    for name, default in params.items():
+    params = {
+        k.lower(): v
+        for k, v in namespace.items()
+        if k.isupper()
+        and not k.startswith("_")
+        and isinstance(v, (str, int, float, bool, list, dict))
+    }
+    cfg, source = {}, {}
+    for name, value in params.items():
         key = prefix + name.upper()
         if key in os.environ:
-            try:
-                out[name] = _cast_like(default, os.environ[key])
-            except ValueError as err:
-                raise ValueError(f"environment variable {key}={os.environ[key]!r}: {err}") from None
-    return out
+            value = _cast_like(value, os.environ[key], key)
+            source[name] = f"environment variable {key}"
+        else:
+            source[name] = "parameters cell"
+        cfg[name] = value
+    if not options:
+        return cfg, source
+    chosen = cfg.pop("options", {}) or {}
+    unknown = sorted(set(chosen) - set(OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown OPTIONS {unknown}; the options are: {', '.join(OPTIONS)}")
+    where = source.pop("options", "parameters cell")
+    device = pick_device(chosen.get("device", OPTIONS["device"]))
+    for name, default in OPTIONS.items():
+        if name in chosen:
+            cfg[name], source[name] = chosen[name], f"OPTIONS ({where})"
+        elif default is None:
+            cfg[name], source[name] = device_choices(device)[name], f"chosen for {device.type}"
+        else:
+            cfg[name], source[name] = default, "library default (config.OPTIONS)"
+    return cfg, source
 
 
 def seed_everything(seed: int) -> None:
@@ -80,16 +151,37 @@ def pick_device(name: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} was asked for but CUDA is not available here; "
-                           "use COCO_DEVICE=cpu or auto")
+        raise RuntimeError(
+            f"device {name!r} was asked for but CUDA is not available here; "
+            'use OPTIONS = {"device": "cpu"} or "auto"'
+        )
     return dev
+
+
+def amp_settings(device: torch.device, enabled: bool = True):
+    """``(autocast dtype or None, GradScaler or None)`` for the device.
+
+    bfloat16 on GPUs that support it (no loss scaling needed), float16 with a GradScaler on
+    older GPUs; on a CPU full precision (bfloat16 convolutions are slower there).
+    """
+    if not enabled or device.type != "cuda":
+        return None, None
+    if torch.cuda.is_bf16_supported():
+        return torch.bfloat16, None
+    return torch.float16, torch.amp.GradScaler("cuda")
 
 
 def git_commit(path: Path | str = ".") -> str | None:
     """The commit of the library's checkout, so a run folder can be traced to its code."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(path), capture_output=True,
-                             text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(path),
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
         return out.stdout.strip() or None if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -98,6 +190,9 @@ def git_commit(path: Path | str = ".") -> str | None:
 def environment_report() -> dict:
     """Versions of the packages that decide a result (recorded in every run folder)."""
     import importlib.metadata as md
+
+    from . import __version__
+
     pkgs = {}
     for name in ("torch", "torchvision", "timm", "numpy", "pillow", "scikit-learn", "pandas"):
         try:
@@ -105,7 +200,7 @@ def environment_report() -> dict:
         except md.PackageNotFoundError:
             pkgs[name] = None
     return {
-        "library_version": _version(),
+        "library_version": __version__,
         "git_commit": git_commit(Path(__file__).resolve().parent),
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -115,65 +210,13 @@ def environment_report() -> dict:
     }
 
 
-
 def progress(iterable, enabled: bool = True, **kwargs):
-    """tqdm when wanted and installed (the widget in Jupyter, text elsewhere); plain iteration otherwise.
-
-    Not ``tqdm.auto``: its asyncio mix-in calls ``iter(iterable)`` in ``__init__``, which on a
-    DataLoader with workers starts a second worker pool that is never read nor shut down; the
-    widget bar's reference cycle keeps it alive until a later worker pool forks, and the
-    forked children then print "can only test a child process" tracebacks when they collect it.
-    """
+    """A tqdm progress bar when ``enabled`` (the text bar: no widget library needed)."""
     if not enabled:
         return iterable
-    try:
-        import warnings
+    from tqdm import tqdm
 
-        from tqdm import TqdmExperimentalWarning
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", TqdmExperimentalWarning)
-            from tqdm.autonotebook import tqdm
-    except ImportError:
-        return iterable
     return tqdm(iterable, **kwargs)
-
-
-#: Sizes of the smoke setting: the same code path in a minute or two on a laptop CPU.
-SMOKE = {"backbones": ["efficientnet_lite0"], "epochs_frozen": 2, "epochs_finetune": 1,
-         "batch_size": 32, "img_size": 128, "demo_train": 160, "demo_test": 40, "workers": 0}
-
-
-#: Where smoke runs write unless told otherwise: never into a real run's folders or demo data.
-SMOKE_FOLDERS = {"run_dir": "runs/smoke", "demo_dir": "data/smoke/ms-coco"}
-
-
-def apply_smoke(cfg: dict, prefix: str = "COCO_") -> dict:
-    """Shrink a config to the smoke sizes when ``cfg['smoke']`` is set (tests, CI, a quick look).
-
-    The run and demo folders move to their own smoke defaults unless the environment named
-    them: a smoke run must not write into ``runs/main`` nor regenerate the demo data that a
-    real demo run was trained on.
-    """
-    if not cfg.get("smoke"):
-        return cfg
-    folders = {k: v for k, v in SMOKE_FOLDERS.items() if k in cfg and prefix + k.upper() not in os.environ}
-    return {**cfg, **{k: v for k, v in SMOKE.items() if k in cfg}, **folders}
-
-
-def notebook_config(namespace: dict) -> dict:
-    """The notebook's parameters (its UPPER_CASE names) as a config dict, environment applied.
-
-    The ``parameters`` cell stays plain assignments (papermill can rewrite it); this reads
-    them, lets ``COCO_<NAME>`` variables override them and applies the smoke sizes.
-    """
-    params = {k.lower(): v for k, v in namespace.items()
-              if k.isupper() and not k.startswith("_") and isinstance(v, (str, int, float, bool, list))}
-    return apply_smoke(env_config(params))
-
-
-def _version() -> str:
-    from . import __version__
-    return __version__
 
 
 def tensorboard_binary() -> str:
@@ -181,5 +224,6 @@ def tensorboard_binary() -> str:
     without activating it has no ``.venv/bin`` on ``PATH``, and the magic would not find it)."""
     import shutil
     import sys
+
     beside = Path(sys.executable).parent / "tensorboard"
     return str(beside) if beside.exists() else (shutil.which("tensorboard") or "tensorboard")

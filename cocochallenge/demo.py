@@ -6,6 +6,7 @@ the challenge's layout. Class c is a coloured shape (shape c % 10 in colour c //
 model that works learns far above chance: the demo is also a check of the learning pipeline,
 not only of the file handling.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,16 @@ _MIN_SHORT_SIDE = 59
 # that even a crude model learns them, yet a model must combine the two cues
 # (colour alone or shape alone only narrows a class down to 10 or 8 choices).
 DEMO_SHAPES = (
-    "circle", "square", "triangle", "ring", "plus",
-    "star", "stripes", "diamond", "hollow square", "x",
+    "circle",
+    "square",
+    "triangle",
+    "ring",
+    "plus",
+    "star",
+    "stripes",
+    "diamond",
+    "hollow square",
+    "x",
 )
 DEMO_COLOURS = (
     ("red", (220, 30, 30)),
@@ -137,8 +146,7 @@ def _bar(cx, cy, ox, oy, half_x, half_y, angle):
     """Corners of a rotated rectangle centred at local offset (ox, oy)."""
     c, s = np.cos(angle), np.sin(angle)
     pts = []
-    for dx, dy in ((-half_x, -half_y), (half_x, -half_y),
-                   (half_x, half_y), (-half_x, half_y)):
+    for dx, dy in ((-half_x, -half_y), (half_x, -half_y), (half_x, half_y), (-half_x, half_y)):
         x, y = ox + dx, oy + dy
         pts.append((cx + c * x - s * y, cy + s * x + c * y))
     return pts
@@ -184,8 +192,12 @@ def _draw_shape(draw, shape, cx, cy, r, angle, colour):
     elif shape == 8:  # hollow square
         a = 0.85 * r
         t = max(1.5, 0.14 * r)
-        for ox, oy, half_x, half_y in ((0, -a + t, a, t), (0, a - t, a, t),
-                                       (-a + t, 0, t, a), (a - t, 0, t, a)):
+        for ox, oy, half_x, half_y in (
+            (0, -a + t, a, t),
+            (0, a - t, a, t),
+            (-a + t, 0, t, a),
+            (a - t, 0, t, a),
+        ):
             draw.polygon(_bar(cx, cy, ox, oy, half_x, half_y, angle), fill=colour)
     else:  # shape 9, X
         t = max(1.6, 0.2 * r)
@@ -292,8 +304,12 @@ def _clear_managed(folder, suffix):
 
 
 def _params(n_train, n_test, seed):
-    return {"generator_version": _GENERATOR_VERSION, "n_train": int(n_train),
-            "n_test": int(n_test), "seed": int(seed)}
+    return {
+        "generator_version": _GENERATOR_VERSION,
+        "n_train": int(n_train),
+        "n_test": int(n_test),
+        "seed": int(seed),
+    }
 
 
 def make_demo_data(root, n_train=1000, n_test=200, seed=0, progress=True, replace=True):
@@ -335,30 +351,45 @@ def make_demo_data(root, n_train=1000, n_test=200, seed=0, progress=True, replac
             saved = json.loads(marker.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             saved = None
-        if (isinstance(saved, dict) and saved.get("params") == params
-                and _count_managed(train_img_dir, ".jpg") == n_train
-                and _count_managed(label_dir, ".cls") == n_train
-                and _count_managed(test_img_dir, ".jpg") == n_test
-                and (root / "test_labels.json").is_file()):
-            return {"root": str(root), "n_train": int(n_train), "n_test": int(n_test),
-                    "seconds": time.perf_counter() - t0,
-                    "class_counts": list(saved["class_counts"])}
+        if (
+            isinstance(saved, dict)
+            and saved.get("params") == params
+            and _count_managed(train_img_dir, ".jpg") == n_train
+            and _count_managed(label_dir, ".cls") == n_train
+            and _count_managed(test_img_dir, ".jpg") == n_test
+            and (root / "test_labels.json").is_file()
+        ):
+            return {
+                "root": str(root),
+                "n_train": int(n_train),
+                "n_test": int(n_test),
+                "seconds": time.perf_counter() - t0,
+                "class_counts": list(saved["class_counts"]),
+            }
 
     # Delete only in a folder this generator made: pointed at real data by mistake, it must
     # not wipe it. The owner file is written before the first image, so an interrupted first
     # generation still counts as ours.
     owner = root / _OWNER_NAME
-    ours = sum(_count_managed(f, sfx) > 0 for f, sfx in ((train_img_dir, ".jpg"), (test_img_dir, ".jpg"),
-                                                          (label_dir, ".cls")))
+    ours = sum(
+        _count_managed(f, sfx) > 0
+        for f, sfx in ((train_img_dir, ".jpg"), (test_img_dir, ".jpg"), (label_dir, ".cls"))
+    )
     if ours and not owner.is_file():
-        raise ValueError(f"{root} holds images or labels that make_demo_data did not write (no {_OWNER_NAME}): "
-                         "refusing to delete them; give the demo data a folder of its own")
+        raise ValueError(
+            f"{root} holds images or labels that make_demo_data did not write (no {_OWNER_NAME}): "
+            "refusing to delete them; give the demo data a folder of its own"
+        )
     if isinstance(saved, dict) and saved.get("params") != params and not replace:
-        raise ValueError(f"{root} holds a complete demo set made with other parameters "
-                         f"({marker.read_text().strip()[:200]}), which a run may have used: refusing to "
-                         f"replace it with {params}; give this run another demo folder (DEMO_DIR)")
+        raise ValueError(
+            f"{root} holds a complete demo set made with other parameters "
+            f"({marker.read_text().strip()[:200]}), which a run may have used: refusing to "
+            f"replace it with {params}; give this run another demo folder (DEMO_DIR)"
+        )
     root.mkdir(parents=True, exist_ok=True)
-    owner.write_text("Written by cocochallenge.demo.make_demo_data: this folder holds generated demo data.\n")
+    owner.write_text(
+        "Written by cocochallenge.demo.make_demo_data: this folder holds generated demo data.\n"
+    )
     # Invalidate first: a run interrupted from here on must not look complete.
     if marker.exists():
         os.remove(marker)
@@ -378,6 +409,7 @@ def make_demo_data(root, n_train=1000, n_test=200, seed=0, progress=True, replac
     if progress:
         try:
             from tqdm import tqdm
+
             bar = tqdm(total=n_train + n_test, desc="demo data", unit="img")
         except ImportError:
             bar = None
@@ -422,6 +454,10 @@ def make_demo_data(root, n_train=1000, n_test=200, seed=0, progress=True, replac
     done = json.dumps({"params": params, "class_counts": class_counts}, sort_keys=True) + "\n"
     _atomic_write_bytes(marker, done.encode("ascii"))
 
-    return {"root": str(root), "n_train": int(n_train), "n_test": int(n_test),
-            "seconds": time.perf_counter() - t0, "class_counts": class_counts}
-
+    return {
+        "root": str(root),
+        "n_train": int(n_train),
+        "n_test": int(n_test),
+        "seconds": time.perf_counter() - t0,
+        "class_counts": class_counts,
+    }

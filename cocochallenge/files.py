@@ -3,6 +3,7 @@
 A crash or a kill never leaves a half-written artifact that a later run reads, and an
 artifact made with other settings is reported, never silently reused.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 
 @contextlib.contextmanager
 def atomic_path(path: Path | str):
@@ -25,7 +27,7 @@ def atomic_path(path: Path | str):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())        # mkstemp makes 0600; a normal write gives the umask's
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a normal write gives the umask's
     try:
         yield Path(tmp)
         with open(tmp, "rb+") as fh:
@@ -82,7 +84,6 @@ def save_npz(path: Path | str, **arrays) -> Path:
     return Path(path)
 
 
-
 class StaleRunError(RuntimeError):
     """The run folder holds results made with other settings or other data; nothing was trained."""
 
@@ -90,16 +91,23 @@ class StaleRunError(RuntimeError):
 def differences(old: dict, new: dict) -> list[str]:
     """``key: old -> new`` for every setting that differs (JSON round trip: lists, floats)."""
     import json
+
     old, new = json.loads(json.dumps(old)), json.loads(json.dumps(new))
-    return [f"{k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}"
-            for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    return [
+        f"{k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}"
+        for k in sorted(set(old) | set(new))
+        if old.get(k) != new.get(k)
+    ]
 
 
 def stale_message(what: str, diffs: list[str], run_dir: Path, switch: str) -> str:
-    return (f"{what} in {run_dir} was made with other settings or data:\n  " + "\n  ".join(diffs)
-            + f"\nNothing was trained. Either set RUN_DIR to a new folder (this one stays as it is), "
-              f"or set {switch} to train it again here (its old files are moved to "
-              f"{run_dir / 'replaced'}/, not deleted).")
+    return (
+        f"{what} in {run_dir} was made with other settings or data:\n  "
+        + "\n  ".join(diffs)
+        + f"\nNothing was trained. Either set RUN_DIR to a new folder (this one stays as it is), "
+        f"or set {switch} in the parameters cell to train it again here (its old files "
+        f"are moved to {run_dir / 'replaced'}/, not deleted)."
+    )
 
 
 def shown_path(path: Path | str) -> str:

@@ -4,6 +4,7 @@ What a team uploads is graded on the notebooks (their outputs included), the cod
 results; checkpoints, feature caches and TensorBoard logs only make the file too large for
 Moodle. Every check runs before the zip is written, and each problem is said in words.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,10 +15,26 @@ from .files import atomic_path, load_json
 from .submission import SubmissionError, validate_submission
 
 #: Files of the project packed beside the run (the library and how to run it).
-PROJECT_FILES = ("helpers.py", "run.py", "requirements.txt", "README.md", "tools/ablation/evidence.csv")
+PROJECT_FILES = (
+    "helpers.py",
+    "cpu_recipe.py",
+    "run.py",
+    "pyproject.toml",
+    "requirements.txt",
+    "requirements-dev.txt",
+    "README.md",
+    "tools/ablation/evidence.csv",
+)
 #: Files of the run folder packed (with figures/*.png and tables/*.csv).
-RUN_FILES = ("submission.json", "results.csv", "thresholds.json", "config.json", "environment.json",
-             "summary.json", "split.json")
+RUN_FILES = (
+    "submission.json",
+    "results.csv",
+    "thresholds.json",
+    "config.json",
+    "environment.json",
+    "summary.json",
+    "split.json",
+)
 NOTEBOOKS = ("challenge.ipynb", "analysis.ipynb")
 HANDIN_TAG = "handin"
 
@@ -40,10 +57,15 @@ def notebook_problems(path: Path, run_dir: Path) -> list[str]:
         counts.append(cell.get("execution_count"))
         for out in cell.get("outputs", []):
             if out.get("output_type") == "error":
-                problems.append(f"{path.name}: a cell ends with {out.get('ename')}: {out.get('evalue', '')[:120]}")
+                problems.append(
+                    f"{path.name}: a cell ends with {out.get('ename')}: "
+                    f"{out.get('evalue', '')[:120]}"
+                )
     if counts != list(range(1, len(counts) + 1)):
-        problems.append(f"{path.name}: not run top to bottom in one go (execution counts {counts[:12]}"
-                        f"{' ...' if len(counts) > 12 else ''}); restart the kernel and run all cells")
+        problems.append(
+            f"{path.name}: not run top to bottom in one go (execution counts {counts[:12]}"
+            f"{' ...' if len(counts) > 12 else ''}); restart the kernel and run all cells"
+        )
     text = json.dumps([c.get("outputs", []) for c in nb["cells"] if c["cell_type"] == "code"])
     names = {str(run_dir), str(run_dir.resolve())}
     try:
@@ -51,14 +73,16 @@ def notebook_problems(path: Path, run_dir: Path) -> list[str]:
     except ValueError:
         pass
     if not any(n in text for n in names):
-        problems.append(f"{path.name}: its outputs never name the run folder {run_dir}: it ran on another one")
+        problems.append(
+            f"{path.name}: its outputs never name the run folder {run_dir}: it ran on another one"
+        )
     return problems
 
 
 def collect(run_dir: Path, project: Path) -> dict:
     """``{name in the zip: file}`` of everything a hand-in holds."""
     files = {}
-    for name in NOTEBOOKS:                    # run.py's executed copies first, else the ones in the project
+    for name in NOTEBOOKS:  # run.py's executed copies first, else the ones in the project
         for cand in (run_dir / name, project / name):
             if cand.is_file():
                 files[name] = cand
@@ -77,30 +101,53 @@ def collect(run_dir: Path, project: Path) -> dict:
     return files
 
 
-def pack(run_dir: Path | str, out: Path | str | None = None, max_mb: float = 20.0,
-         project: Path | str | None = None, log=print) -> Path | None:
-    """Check the run and write ``<run>/handin.zip``; return its path, or None after listing problems."""
+def pack(
+    run_dir: Path | str,
+    out: Path | str | None = None,
+    max_mb: float = 20.0,
+    project: Path | str | None = None,
+    log=print,
+) -> Path | None:
+    """Check the run and write ``<run>/handin.zip``; its path, or None after listing problems."""
     run_dir = Path(run_dir)
     project = Path(project) if project else Path(__file__).resolve().parents[1]
     out = Path(out) if out else run_dir / "handin.zip"
     files = collect(run_dir, project)
-    problems = [f"{name} is missing" for name in (*NOTEBOOKS, "run/submission.json", "run/results.csv",
-                                                  "run/config.json", "run/environment.json") if name not in files]
+    problems = [
+        f"{name} is missing"
+        for name in (
+            *NOTEBOOKS,
+            "run/submission.json",
+            "run/results.csv",
+            "run/config.json",
+            "run/environment.json",
+        )
+        if name not in files
+    ]
     if "run/submission.json" in files:
         try:
-            summary = load_json(run_dir / "summary.json") if (run_dir / "summary.json").exists() else {}
+            summary = (
+                load_json(run_dir / "summary.json") if (run_dir / "summary.json").exists() else {}
+            )
             test_dir = Path(summary.get("data_root", "")) / "images" / "test-resized"
-            validate_submission(load_json(files["run/submission.json"]), test_dir if test_dir.is_dir() else None)
+            validate_submission(
+                load_json(files["run/submission.json"]), test_dir if test_dir.is_dir() else None
+            )
             if not test_dir.is_dir():
-                log(f"note: test folder {test_dir} not found: the submission was checked for its form only")
+                log(
+                    f"note: test folder {test_dir} not found: the submission was checked for "
+                    "its form only"
+                )
         except SubmissionError as err:
             problems.append(f"submission.json is not valid: {err}")
     for name in NOTEBOOKS:
         if name in files:
             problems += notebook_problems(files[name], run_dir)
     size = sum(p.stat().st_size for p in files.values())
-    if size > max_mb * 1e6:                  # deflate shrinks text, hardly the PNG figures
-        problems.append(f"{size / 1e6:.1f} MB of files before compression, over the {max_mb:g} MB limit")
+    if size > max_mb * 1e6:  # deflate shrinks text, hardly the PNG figures
+        problems.append(
+            f"{size / 1e6:.1f} MB of files before compression, over the {max_mb:g} MB limit"
+        )
     if problems:
         log("hand-in NOT written:\n  " + "\n  ".join(problems))
         return None
@@ -111,7 +158,9 @@ def pack(run_dir: Path | str, out: Path | str | None = None, max_mb: float = 20.
     zip_size = out.stat().st_size
     if zip_size > max_mb * 1e6:
         out.unlink()
-        log(f"hand-in NOT written: the zip is {zip_size / 1e6:.1f} MB, over the {max_mb:g} MB limit")
+        log(
+            f"hand-in NOT written: the zip is {zip_size / 1e6:.1f} MB, over the {max_mb:g} MB limit"
+        )
         return None
     log(f"hand-in: {out} ({zip_size / 1e6:.2f} MB, {len(files)} files)")
     for name, path in files.items():

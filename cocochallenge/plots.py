@@ -3,6 +3,7 @@
 A handed-in notebook's figures are also wanted as files (report, slides), and one folder per
 run keeps them beside the scores they were drawn from.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,10 +20,12 @@ from .metrics import COURSE_LOGIT_THRESHOLD_AS_PROB
 if TYPE_CHECKING:
     import pandas as pd
 
+
 def plot_history(run_dir: Path | str, names: list[str], save: bool = True):
     """Loss and validation mAP / course F1 per epoch for each model, phases marked."""
     import matplotlib.pyplot as plt
     from matplotlib.transforms import blended_transform_factory
+
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     frozen_ends = []
     for name in names:
@@ -30,34 +33,56 @@ def plot_history(run_dir: Path | str, names: list[str], save: bool = True):
         if not hist:
             continue
         x = [r["global_epoch"] for r in hist]
-        line, = axes[0].plot(x, [r["train_loss"] for r in hist], "-o", ms=3, label=f"{name} train")
-        axes[0].plot(x, [r["val_loss"] for r in hist], "--", color=line.get_color(), label=f"{name} val")
-        axes[1].plot(x, [r["val_mAP"] for r in hist], "-o", ms=3, color=line.get_color(), label=name)
+        (line,) = axes[0].plot(
+            x, [r["train_loss"] for r in hist], "-o", ms=3, label=f"{name} train"
+        )
+        axes[0].plot(
+            x, [r["val_loss"] for r in hist], "--", color=line.get_color(), label=f"{name} val"
+        )
+        axes[1].plot(
+            x, [r["val_mAP"] for r in hist], "-o", ms=3, color=line.get_color(), label=name
+        )
         axes[2].plot(x, [r["val_f1"] for r in hist], "-o", ms=3, color=line.get_color(), label=name)
         n_frozen = sum(r["phase"] == "frozen" for r in hist)
         for ax in axes:
             ax.axvline(n_frozen + 0.5, color=line.get_color(), lw=0.8, alpha=0.4)
         frozen_ends.append(n_frozen + 0.5)
-    for ax, title in zip(axes, ("loss (dashed: validation)", "validation mAP",
-                                "validation course F1 at 0.5")):
+    for ax, title in zip(
+        axes, ("loss (dashed: validation)", "validation mAP", "validation course F1 at 0.5")
+    ):
         ax.set_title(title)
         ax.set_xlabel("epoch (vertical line: frozen | fine-tuned)")
         ax.grid(alpha=0.3)
-        if frozen_ends:                        # shade and name the phases (shortest frozen phase)
+        if frozen_ends:  # shade and name the phases (shortest frozen phase)
             end = min(frozen_ends)
             ax.axvspan(0.5, end, color="grey", alpha=0.1, lw=0)
             where = blended_transform_factory(ax.transData, ax.transAxes)
-            ax.text((0.5 + end) / 2, 0.97, "frozen", transform=where, ha="center", va="top",
-                    fontsize=8, color="dimgrey")
-            ax.text(end, 0.97, " fine-tuned", transform=where, ha="left", va="top",
-                    fontsize=8, color="dimgrey")
-    for ax in axes[:2]:                        # below the axes: clear of the phase labels and the curves
+            ax.text(
+                (0.5 + end) / 2,
+                0.97,
+                "frozen",
+                transform=where,
+                ha="center",
+                va="top",
+                fontsize=8,
+                color="dimgrey",
+            )
+            ax.text(
+                end,
+                0.97,
+                " fine-tuned",
+                transform=where,
+                ha="left",
+                va="top",
+                fontsize=8,
+                color="dimgrey",
+            )
+    for ax in axes[:2]:  # below the axes: clear of the phase labels and the curves
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0, -0.16), ncol=2, frameon=False)
     fig.tight_layout()
     if save:
         fig.savefig(Path(run_dir) / "training_curves.png", dpi=100)
     return fig
-
 
 
 def save_figure(fig, run_dir: Path | str, name: str, dpi: int = 110) -> Path:
@@ -72,9 +97,10 @@ def save_figure(fig, run_dir: Path | str, name: str, dpi: int = 110) -> Path:
     return path
 
 
-def plot_comparison(table: "pd.DataFrame", columns):
+def plot_comparison(table: pd.DataFrame, columns):
     """Grouped bars: one group per metric, one bar per model, values written on the bars."""
     import matplotlib.pyplot as plt
+
     columns = list(columns)
     n = len(table)
     fig, ax = plt.subplots(figsize=(max(8.0, 1.1 * len(columns) * max(n, 2) * 0.6), 4.2))
@@ -94,7 +120,7 @@ def plot_comparison(table: "pd.DataFrame", columns):
     return fig
 
 
-def plot_per_class_bars(report: "pd.DataFrame", title: str = ""):
+def plot_per_class_bars(report: pd.DataFrame, title: str = ""):
     """Precision, recall and F1 of every class as horizontal bars, best F1 at the top.
 
     All 80 classes need a tall figure (about 0.19 inch a bar) to keep the names readable;
@@ -102,11 +128,14 @@ def plot_per_class_bars(report: "pd.DataFrame", title: str = ""):
     validation support beside each name says how far its bar can be trusted.
     """
     import matplotlib.pyplot as plt
+
     r = report.sort_values(["f1", "support"], ascending=[True, True], kind="stable")
     y = np.arange(len(r))
     labels = [f"{c}  ({n})" for c, n in zip(r["class"], r["support"])]
     fig, axes = plt.subplots(1, 3, figsize=(13, 0.19 * len(r) + 1.6), sharey=True)
-    for ax, col, colour in zip(axes, ("precision", "recall", "f1"), ("#4c72b0", "#dd8452", "#55a868")):
+    for ax, col, colour in zip(
+        axes, ("precision", "recall", "f1"), ("#4c72b0", "#dd8452", "#55a868")
+    ):
         ax.barh(y, r[col], height=0.75, color=colour)
         mean = r.loc[r["support"] > 0, col].mean()
         ax.axvline(mean, color="k", lw=0.8, ls="--")
@@ -120,8 +149,11 @@ def plot_per_class_bars(report: "pd.DataFrame", title: str = ""):
             tick.set_color("grey")
     axes[0].set_ylim(-0.7, len(r) - 0.3)
     height = fig.get_figheight()
-    fig.suptitle(title or "per-class scores (validation positives in brackets)", fontsize=11,
-                 y=1 - 0.15 / height)
+    fig.suptitle(
+        title or "per-class scores (validation positives in brackets)",
+        fontsize=11,
+        y=1 - 0.15 / height,
+    )
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / height))
     return fig
 
@@ -135,15 +167,22 @@ def plot_f1_vs_frequency(reports: dict, counts, xlabel: str = "training images o
     validation positives (F1 undefined, shown as 0 in the tables) are left out.
     """
     import matplotlib.pyplot as plt
+
     counts = np.asarray(counts, dtype=float)
     first = next(iter(reports.values()), None)
     has_pos = first["support"].to_numpy() > 0 if first is not None else np.ones(len(counts), bool)
     keep = (counts > 0) & has_pos
     fig, ax = plt.subplots(figsize=(9, 4.8))
-    edges = np.unique(np.geomspace(counts[keep].min(), counts[keep].max() * 1.0001, 7)) if keep.any() else []
+    edges = (
+        np.unique(np.geomspace(counts[keep].min(), counts[keep].max() * 1.0001, 7))
+        if keep.any()
+        else []
+    )
     for i, (model, rep) in enumerate(reports.items()):
         f1 = rep["f1"].to_numpy(dtype=float)
-        sc = ax.scatter(counts[keep], f1[keep], s=18, alpha=0.7, marker="os^Dv<>"[i % 7], label=model)
+        sc = ax.scatter(
+            counts[keep], f1[keep], s=18, alpha=0.7, marker="os^Dv<>"[i % 7], label=model
+        )
         if len(edges) > 2:
             mids, meds = [], []
             for a, b in zip(edges[:-1], edges[1:]):
@@ -171,10 +210,11 @@ def plot_threshold_sweep(sweeps: dict, chosen: dict | None = None):
     metric peaks far lower than macro F1 because its rare classes want low thresholds.
     """
     import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharex=True)
     for model, sw in sweeps.items():
         for ax, col in zip(axes, ("course_f1", "macro_f1")):
-            line, = ax.plot(sw["threshold"], sw[col], label=model)
+            (line,) = ax.plot(sw["threshold"], sw[col], label=model)
             if chosen and model in chosen:
                 i = int(np.argmin(np.abs(sw["threshold"].to_numpy() - chosen[model])))
                 ax.plot(sw["threshold"].iloc[i], sw[col].iloc[i], "o", color=line.get_color())
@@ -189,15 +229,15 @@ def plot_threshold_sweep(sweeps: dict, chosen: dict | None = None):
     return fig
 
 
-def plot_threshold_distribution(thresholds: dict, support, min_positives: int = 5,
-                                global_thresholds: dict | None = None):
+def plot_threshold_distribution(thresholds: dict, support, global_thresholds: dict | None = None):
     """The per-class thresholds: their histogram, and each against the class's support.
 
-    Classes with fewer than ``min_positives`` validation positives get the global threshold
-    (shaded): the right panel shows how many classes that is, and whether frequent classes
-    really want higher thresholds than rare ones.
+    Each class's threshold is pulled toward the global one by how few positives it has
+    (:func:`~cocochallenge.metrics.shrunk_thresholds`): the right panel shows the rare classes
+    gathering at the global threshold, and whether frequent classes want other thresholds.
     """
     import matplotlib.pyplot as plt
+
     support = np.asarray(support, dtype=float)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     bins = np.linspace(0, 1, 41)
@@ -206,15 +246,20 @@ def plot_threshold_distribution(thresholds: dict, support, min_positives: int = 
     for i, (model, thr) in enumerate(thresholds.items()):
         line = axes[0].hist(thr, bins=bins, histtype="step", lw=1.5, label=model)[2][0]
         colour = line.get_edgecolor()
-        axes[1].scatter(np.maximum(support, 0.8) * jitter, thr, s=14, alpha=0.7, color=colour,
-                        marker="os^Dv<>"[i % 7], label=model)
+        axes[1].scatter(
+            np.maximum(support, 0.8) * jitter,
+            thr,
+            s=14,
+            alpha=0.7,
+            color=colour,
+            marker="os^Dv<>"[i % 7],
+            label=model,
+        )
         if global_thresholds and model in global_thresholds:
             axes[0].axvline(global_thresholds[model], color=colour, ls="--", lw=1)
     axes[0].set_title("per-class thresholds (dashed: the global threshold)")
     axes[0].set_xlabel("threshold")
     axes[0].set_ylabel("classes")
-    axes[1].axvspan(0.7, min_positives - 0.5, color="grey", alpha=0.15,
-                    label=f"< {min_positives} positives: global threshold")
     axes[1].set_xscale("log")
     axes[1].set_xlabel("validation positives of the class (log scale)")
     axes[1].set_ylabel("threshold")
@@ -226,46 +271,71 @@ def plot_threshold_distribution(thresholds: dict, support, min_positives: int = 
     return fig
 
 
-def plot_threshold_steps(steps: "pd.DataFrame"):
+def plot_threshold_steps(steps: pd.DataFrame):
     """The steps table as bars: course F1 on the tuning images, and held out where tuned."""
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(9, 0.6 * len(steps) + 1.6))
     y = np.arange(len(steps))[::-1].astype(float)
     held = steps["held-out"].to_numpy(dtype=float)
     ok = ~np.isnan(held)
-    tuned = ax.barh(y + np.where(ok, 0.19, 0), steps["course F1"], height=np.where(ok, 0.38, 0.6),
-                    color="#4c72b0", label="scored on the images it was tuned on")
+    tuned = ax.barh(
+        y + np.where(ok, 0.19, 0),
+        steps["course F1"],
+        height=np.where(ok, 0.38, 0.6),
+        color="#4c72b0",
+        label="scored on the images it was tuned on",
+    )
     ax.bar_label(tuned, fmt="%.3f", fontsize=8, padding=2)
     if ok.any():
-        out = ax.barh(y[ok] - 0.19, held[ok], height=0.38, color="#dd8452",
-                      label="held out: tuned on one half, scored on the other")
+        out = ax.barh(
+            y[ok] - 0.19,
+            held[ok],
+            height=0.38,
+            color="#dd8452",
+            label="held out: tuned on one half, scored on the other",
+        )
         ax.bar_label(out, fmt="%.3f", fontsize=8, padding=2)
     ax.set_yticks(y, steps.index, fontsize=8)
-    top = max(np.nanmax(steps["course F1"].to_numpy(dtype=float)), np.nanmax(held) if ok.any() else 0)
+    top = max(
+        np.nanmax(steps["course F1"].to_numpy(dtype=float)), np.nanmax(held) if ok.any() else 0
+    )
     ax.set_xlim(0, min(1.0, top * 1.15) if top > 0 else 1.0)
     ax.set_xlabel("course F1 on the validation split")
     ax.set_title("from the course's recipe to the submission, step by step")
     ax.grid(axis="x", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12 - 0.3 / len(steps)), ncol=2)
+    ax.legend(
+        fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12 - 0.3 / len(steps)), ncol=2
+    )
     fig.tight_layout()
     return fig
 
 
-def plot_evidence(evidence: "pd.DataFrame"):
+def plot_evidence(evidence: pd.DataFrame):
     """The ablation's steps as bars: course and macro F1, mean over seeds, sd as error bars."""
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(10, 0.42 * len(evidence) + 1.6))
     y = np.arange(len(evidence))[::-1].astype(float)
     for shift, col, colour in ((0.19, "course F1", "#4c72b0"), (-0.19, "macro F1", "#55a868")):
-        bars = ax.barh(y + shift, evidence[col], height=0.38, xerr=evidence[f"{col} sd"], color=colour,
-                       error_kw={"lw": 0.8, "capsize": 2}, label=f"{col} (mean over seeds, sd)")
+        bars = ax.barh(
+            y + shift,
+            evidence[col],
+            height=0.38,
+            xerr=evidence[f"{col} sd"],
+            color=colour,
+            error_kw={"lw": 0.8, "capsize": 2},
+            label=f"{col} (mean over seeds, sd)",
+        )
         ax.bar_label(bars, fmt="%.3f", fontsize=7, padding=8)
     ax.set_yticks(y, evidence["step"], fontsize=8)
     ax.set_xlim(0, min(1.0, 1.2 * float(evidence[["course F1", "macro F1"]].to_numpy().max())))
     ax.set_xlabel("held-out F1 on 678 real COCO photos")
     ax.set_title("what each default is worth (tools/ablation)")
     ax.grid(axis="x", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.5 / len(evidence) - 0.04), ncol=2)
+    ax.legend(
+        fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.5 / len(evidence) - 0.04), ncol=2
+    )
     fig.tight_layout()
     return fig
 
@@ -280,10 +350,13 @@ def plot_pr_curves(targets: np.ndarray, probs: np.ndarray, thresholds, groups: d
     """
     import matplotlib.pyplot as plt
     from sklearn.metrics import average_precision_score, precision_recall_curve
+
     y = np.asarray(targets).astype(bool)
     thr = np.broadcast_to(np.asarray(thresholds, dtype=float), (y.shape[1],))
     ncol = max([len(v) for v in groups.values()] + [1])
-    fig, axes = plt.subplots(len(groups), ncol, figsize=(3.2 * ncol, 3.2 * len(groups)), squeeze=False)
+    fig, axes = plt.subplots(
+        len(groups), ncol, figsize=(3.2 * ncol, 3.2 * len(groups)), squeeze=False
+    )
     for row, (label, classes) in enumerate(groups.items()):
         for col in range(ncol):
             ax = axes[row, col]
@@ -295,11 +368,18 @@ def plot_pr_curves(targets: np.ndarray, probs: np.ndarray, thresholds, groups: d
             ax.step(r, p, where="post", lw=1.5)
             pred = probs[:, c] > thr[c]
             tp = int((pred & y[:, c]).sum())
-            ax.plot(tp / max(y[:, c].sum(), 1), tp / max(pred.sum(), 1), "o", color="red",
-                    label=f"threshold {thr[c]:.2f}")
+            ax.plot(
+                tp / max(y[:, c].sum(), 1),
+                tp / max(pred.sum(), 1),
+                "o",
+                color="red",
+                label=f"threshold {thr[c]:.2f}",
+            )
             ax.axhline(y[:, c].mean(), color="grey", ls=":", lw=1)
             ap = average_precision_score(y[:, c], probs[:, c])
-            ax.set_title(f"{label}: {CLASSES[c]}\n{int(y[:, c].sum())} positives, AP {ap:.2f}", fontsize=9)
+            ax.set_title(
+                f"{label}: {CLASSES[c]}\n{int(y[:, c].sum())} positives, AP {ap:.2f}", fontsize=9
+            )
             ax.set_xlim(-0.02, 1.02)
             ax.set_ylim(-0.02, 1.02)
             ax.set_xlabel("recall", fontsize=8)
@@ -310,8 +390,9 @@ def plot_pr_curves(targets: np.ndarray, probs: np.ndarray, thresholds, groups: d
     return fig
 
 
-def _names(row: np.ndarray, first: int | None = None, scores=None, limit: int = 4,
-           width: int = 40) -> str:
+def _names(
+    row: np.ndarray, first: int | None = None, scores=None, limit: int = 4, width: int = 40
+) -> str:
     """Class names of one image's labels: ``first`` leading (the class the row is about),
     the rest by descending ``scores`` when given; at most ``limit`` names and about ``width``
     characters (a caption under a small image), then a count of the rest."""
@@ -329,8 +410,9 @@ def _names(row: np.ndarray, first: int | None = None, scores=None, limit: int = 
     return (text + f" +{len(idx) - len(shown)}" if len(idx) > len(shown) else text) or "(none)"
 
 
-def plot_error_grid(image_paths, targets: np.ndarray, pred: np.ndarray, probs: np.ndarray,
-                    classes, n: int = 3):
+def plot_error_grid(
+    image_paths, targets: np.ndarray, pred: np.ndarray, probs: np.ndarray, classes, n: int = 3
+):
     """For each class, its ``n`` worst false positives and ``n`` worst false negatives.
 
     Each image shows the class's probability and, below, the image's true and predicted
@@ -340,9 +422,14 @@ def plot_error_grid(image_paths, targets: np.ndarray, pred: np.ndarray, probs: n
     so the figure still says which image it was.
     """
     import matplotlib.pyplot as plt
+
     classes = list(classes)
-    fig, axes = plt.subplots(max(len(classes), 1), 2 * n, figsize=(2.3 * 2 * n, 2.75 * max(len(classes), 1)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        max(len(classes), 1),
+        2 * n,
+        figsize=(2.3 * 2 * n, 2.75 * max(len(classes), 1)),
+        squeeze=False,
+    )
     for row, c in enumerate(classes):
         fps, fns = error_examples(targets, pred, probs, c, n)
         for col in range(2 * n):
@@ -366,17 +453,30 @@ def plot_error_grid(image_paths, targets: np.ndarray, pred: np.ndarray, probs: n
                 ax.imshow(img)
             except (OSError, DataError):
                 ax.imshow(np.full((8, 8, 3), 0.85))
-                ax.text(0.5, 0.5, f"{path.name}\nnot found", ha="center", va="center",
-                        fontsize=7, transform=ax.transAxes)
+                ax.text(
+                    0.5,
+                    0.5,
+                    f"{path.name}\nnot found",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    transform=ax.transAxes,
+                )
             colour = "#c0392b" if col < n else "#2e6da4"
-            ax.set_title(f"{'FP' if col < n else 'FN'}  p={probs[i, c]:.2f}", fontsize=8, color=colour)
-            ax.set_xlabel(f"true: {_names(targets[i], c)}\npred: {_names(pred[i], c, probs[i])}",
-                          fontsize=6.5)
+            ax.set_title(
+                f"{'FP' if col < n else 'FN'}  p={probs[i, c]:.2f}", fontsize=8, color=colour
+            )
+            ax.set_xlabel(
+                f"true: {_names(targets[i], c)}\npred: {_names(pred[i], c, probs[i])}", fontsize=6.5
+            )
             for sp in ax.spines.values():
                 sp.set_color(colour)
                 sp.set_linewidth(2)
-    fig.suptitle("worst classes: most confident false positives (red) and most confidently "
-                 "missed positives, scored lowest (blue)", fontsize=10)
+    fig.suptitle(
+        "worst classes: most confident false positives (red) and most confidently "
+        "missed positives, scored lowest (blue)",
+        fontsize=10,
+    )
     fig.tight_layout()
     return fig
 
@@ -389,12 +489,17 @@ def plot_cooccurrence(matrices: dict):
     """
     import matplotlib.pyplot as plt
     from matplotlib.colors import PowerNorm
+
     k = max(len(matrices), 1)
     fig, axes = plt.subplots(1, k, figsize=(10 * k + 1, 10.5), squeeze=False, layout="constrained")
     im = None
     for ax, (title, P) in zip(axes[0], matrices.items()):
-        im = ax.imshow(np.ma.masked_invalid(P), cmap="viridis", norm=PowerNorm(0.5, vmin=0, vmax=1),
-                       interpolation="nearest")
+        im = ax.imshow(
+            np.ma.masked_invalid(P),
+            cmap="viridis",
+            norm=PowerNorm(0.5, vmin=0, vmax=1),
+            interpolation="nearest",
+        )
         ticks = np.arange(P.shape[0])
         ax.set_xticks(ticks, CLASSES[: P.shape[0]], rotation=90, fontsize=5)
         ax.set_yticks(ticks, CLASSES[: P.shape[0]], fontsize=5)
@@ -406,17 +511,25 @@ def plot_cooccurrence(matrices: dict):
     return fig
 
 
-def plot_label_counts(table: "pd.DataFrame", cap: int = 10):
+def plot_label_counts(table: pd.DataFrame, cap: int = 10):
     """The :func:`label_count_table` as a heatmap: on the diagonal the count is right,
     above it the model predicts too many labels, below it too few."""
     import matplotlib.pyplot as plt
+
     v = table.to_numpy()
     fig, ax = plt.subplots(figsize=(0.5 * v.shape[1] + 2.5, 0.45 * v.shape[0] + 1.8))
     ax.imshow(v, cmap="Blues", origin="lower", aspect="auto")
     for (i, j), n in np.ndenumerate(v):
         if n:
-            ax.text(j, i, str(n), ha="center", va="center", fontsize=7,
-                    color="white" if n > v.max() / 2 else "black")
+            ax.text(
+                j,
+                i,
+                str(n),
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if n > v.max() / 2 else "black",
+            )
     m = min(v.shape) - 1
     ax.plot([-0.5, m + 0.5], [-0.5, m + 0.5], color="red", lw=0.8, ls="--")
     lab = lambda vals: [f"{x}+" if x == cap else str(x) for x in vals]  # noqa: E731
@@ -427,4 +540,3 @@ def plot_label_counts(table: "pd.DataFrame", cap: int = 10):
     ax.set_title("images by number of true and predicted labels (dashed: equal)")
     fig.tight_layout()
     return fig
-

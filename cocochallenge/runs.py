@@ -7,6 +7,7 @@ Layout (both notebooks and the tests agree on it)::
                              history.json, val_scores.npz, test_scores.npz, result.json
     <run>/tensorboard/<backbone>/, <run>/figures/*.png, <run>/submission.json
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,9 +15,16 @@ from pathlib import Path
 import numpy as np
 
 from .config import environment_report
-from .files import StaleRunError, atomic_path, differences, load_json, save_json, save_npz, stale_message
-from .metrics import (best_global_threshold, evaluate_predictions, repeated_halves_f1, shrunk_thresholds,
-                      tune_thresholds)
+from .files import (
+    StaleRunError,
+    atomic_path,
+    differences,
+    load_json,
+    save_json,
+    save_npz,
+    stale_message,
+)
+from .metrics import evaluate_predictions, tune_thresholds
 from .training import predict
 
 
@@ -37,31 +45,44 @@ def find_answers(data_root: Path | str) -> Path | None:
     return None
 
 
-def save_model_scores(model, out: Path | str, val_loader, test_loader, device, result: dict,
-                      history: list, test_model=None, **kwargs) -> dict:
-    """Validation and test probabilities of the kept model, plain and flip-TTA, then ``result.json``.
+def save_model_scores(
+    model, out: Path | str, val_loader, test_loader, device, result: dict, history: list, **kwargs
+) -> dict:
+    """Validation and test probabilities of the kept model (plain and flip-TTA), then result.json.
 
     These files are what thresholds, the ensemble, the analysis and the submission are made
     from. Both kinds of scores are always saved, so turning TTA on or off later needs no
-    retraining. ``test_model`` (the refit on train + validation) scores the test images in
-    place of ``model``, whose validation scores stay out of sample. ``result.json`` is
-    written last: its presence marks the backbone as finished.
+    retraining. ``result.json`` is written last: its presence marks the backbone as finished.
     """
     import time
+
     out = Path(out)
     t0 = time.perf_counter()
     val = predict(model, val_loader, device, tta_flip=True, desc="val (TTA)", **kwargs)
     val_seconds = time.perf_counter() - t0
-    test = predict(test_model if test_model is not None else model, test_loader, device, tta_flip=True,
-                   desc="test (TTA)", **kwargs)
-    save_npz(out / "val_scores.npz", probs=val["probs"], probs_tta=val["probs_tta"], targets=val["targets"],
-             stems=np.array(val_loader.dataset.stems))
-    save_npz(out / "test_scores.npz", probs=test["probs"], probs_tta=test["probs_tta"],
-             stems=np.array(test["stems"]))
+    save_test_scores(model, out, test_loader, device, **kwargs)
+    save_npz(
+        out / "val_scores.npz",
+        probs=val["probs"],
+        probs_tta=val["probs_tta"],
+        targets=val["targets"],
+        stems=np.array(val_loader.dataset.stems),
+    )
     save_json(history, out / "history.json")
     result = {**result, "val_images_per_second": len(val["probs"]) / max(val_seconds, 1e-9)}
     save_json(result, out / "result.json")
     return result
+
+
+def save_test_scores(model, out: Path | str, test_loader, device, **kwargs) -> None:
+    """The test images' probabilities (plain and flip-TTA) as ``<out>/test_scores.npz``."""
+    test = predict(model, test_loader, device, tta_flip=True, desc="test (TTA)", **kwargs)
+    save_npz(
+        Path(out) / "test_scores.npz",
+        probs=test["probs"],
+        probs_tta=test["probs_tta"],
+        stems=np.array(test["stems"]),
+    )
 
 
 def load_scores(run_dir: Path | str, name: str, split: str = "val") -> dict:
@@ -70,68 +91,99 @@ def load_scores(run_dir: Path | str, name: str, split: str = "val") -> dict:
         return {k: z[k] for k in z.files}
 
 
-def compare_models(run_dir: Path | str, names: list[str], tta: bool = True,
-                   min_positives: int = 5, at_least_one: bool = True, shrink: float = 10.0) -> tuple:
+def compare_models(
+    run_dir: Path | str,
+    names: list[str],
+    tta: bool = True,
+    at_least_one: bool = True,
+    shrink: float = 10.0,
+) -> tuple:
     """The results table (one row per model, plus the ensemble) and the tuned thresholds.
 
-    The ensemble averages the models' probabilities and tunes its own thresholds. Columns
-    ``f1_per_class`` (and the global ones) are in-sample: tuned and scored on the validation
-    images; ``f1_per_class_heldout`` holds out half of them. When every model saved
-    out-of-fold scores of its training images (``train_oof.npz``, the logistic head), the
-    thresholds come from those instead (per class, shrunk toward the global one by ``shrink``
-    positives); ``f1_oof_halves`` is the course F1 of such thresholds tuned on a random half
-    of the out-of-fold scores and scored on the other (mean of 10 partitions: it picks the
-    submission), and ``f1_oof_thresholds`` scores the thresholds of all of them on the whole
-    validation split, which they never saw. Returns ``(DataFrame, details)``
-    where ``details[name]`` holds the thresholds and the validation and test probabilities
-    the table was computed from. Also writes ``results.csv`` and ``thresholds.json``.
+    The ensemble averages the models' probabilities and tunes its own thresholds. The rule is
+    the same everywhere (:func:`~cocochallenge.metrics.tune_thresholds`): per class, shrunk
+    toward the global threshold by ``shrink`` positives. It is tuned on the validation scores;
+    when every model saved out-of-fold scores of its training images (``train_oof.npz``, the
+    offline CPU recipe), on those instead, which leaves the whole validation split to score
+    them (``f1_oof_thresholds``). ``f1_heldout`` (or ``f1_oof_halves``) is the rule tuned on
+    random halves and scored on the other halves: it picks the submission. Returns
+    ``(DataFrame, details)`` where ``details[name]`` holds the thresholds and the validation
+    and test probabilities the table was computed from. Also writes ``results.csv`` and
+    ``thresholds.json``.
     """
     import pandas as pd
+
     run_dir = Path(run_dir)
     key = "probs_tta" if tta else "probs"
     rows, details = [], {}
     for name in names:
         val, test = load_scores(run_dir, name, "val"), load_scores(run_dir, name, "test")
         res = load_json(run_dir / "models" / name / "result.json")
-        details[name] = {"val": val[key], "test": test[key], "targets": val["targets"], "val_stems": val["stems"],
-                         "test_stems": test["stems"], "result": res}
+        details[name] = {
+            "val": val[key],
+            "test": test[key],
+            "targets": val["targets"],
+            "val_stems": val["stems"],
+            "test_stems": test["stems"],
+            "result": res,
+        }
         oof = run_dir / "models" / name / "train_oof.npz"
         if oof.exists():
             with np.load(oof) as z:
                 details[name]["oof"], details[name]["oof_targets"] = z["probs"], z["targets"]
     use_oof = all("oof" in details[n] for n in names)
-    for name in names[1:]:                   # an ensemble of models validated on other images is meaningless
+    for name in names[1:]:  # an ensemble of models validated on other images is meaningless
         if not np.array_equal(details[name]["val_stems"], details[names[0]]["val_stems"]):
-            raise StaleRunError(f"{name} and {names[0]} were validated on different images: their scores "
-                                "cannot be compared or averaged; retrain one of them in this run folder")
+            raise StaleRunError(
+                f"{name} and {names[0]} were validated on different images: "
+                "their scores cannot be compared or averaged; retrain one of "
+                "them in this run folder"
+            )
     if len(names) > 1:
         first = details[names[0]]
+        mean = lambda part: np.mean([details[n][part] for n in names], axis=0)
         details["ensemble"] = {
-            "val": np.mean([details[n]["val"] for n in names], axis=0),
-            "test": np.mean([details[n]["test"] for n in names], axis=0),
-            "targets": first["targets"], "test_stems": first["test_stems"],
-            **({"oof": np.mean([details[n]["oof"] for n in names], axis=0), "oof_targets": first["oof_targets"]}
-               if use_oof else {}),
-            "result": {"train_seconds": sum(details[n]["result"]["train_seconds"] for n in names),
-                       "parameters": sum(details[n]["result"]["parameters"] for n in names)}}
+            "val": mean("val"),
+            "test": mean("test"),
+            "targets": first["targets"],
+            "test_stems": first["test_stems"],
+            **({"oof": mean("oof"), "oof_targets": first["oof_targets"]} if use_oof else {}),
+            "result": {
+                k: sum(details[n]["result"][k] for n in names)
+                for k in ("train_seconds", "parameters")
+            },
+        }
     thresholds = {}
     for name, d in details.items():
-        t = tune_thresholds(d["targets"], d["val"], min_positives, at_least_one)
-        d["thresholds"] = t["per_class"]
-        d["global_threshold"] = t["global_threshold"]
-        if use_oof:                            # thresholds from the training images' out-of-fold scores
-            d["global_threshold"] = best_global_threshold(d["oof_targets"], d["oof"])[0]
-            d["thresholds"] = shrunk_thresholds(d["oof_targets"], d["oof"], shrink, d["global_threshold"])
+        t = tune_thresholds(d["targets"], d["val"], shrink, at_least_one)
+        d["thresholds"], d["global_threshold"] = t["per_class"], t["global_threshold"]
+        if use_oof:  # thresholds from the training images' out-of-fold scores
+            o = tune_thresholds(d["oof_targets"], d["oof"], shrink, at_least_one)
+            d["thresholds"], d["global_threshold"] = o["per_class"], o["global_threshold"]
             m = evaluate_predictions(d["targets"], d["val"], d["thresholds"], at_least_one)
-            halves, halves_sd = repeated_halves_f1(d["oof_targets"], d["oof"], shrink, at_least_one=at_least_one)
-            t = {**t, "f1_oof_halves": halves, "f1_oof_halves_sd": halves_sd,
-                 "f1_oof_thresholds": m["course_f1"], "macro_f1_oof_thresholds": m["macro_f1"]}
-        thresholds[name] = {"global": d["global_threshold"], "per_class": d["thresholds"].tolist(),
-                            "at_least_one": at_least_one, "tta": tta,
-                            "source": "out-of-fold training scores" if use_oof else "validation"}
-        rows.append({"model": name, **{k: v for k, v in t.items() if k != "per_class"},
-                     "train_minutes": d["result"]["train_seconds"] / 60,
-                     "parameters_M": d["result"]["parameters"] / 1e6})
+            t = {
+                **t,
+                "f1_oof_halves": o["f1_heldout"],
+                "f1_oof_halves_sd": o["f1_heldout_sd"],
+                "f1_oof_thresholds": m["course_f1"],
+                "macro_f1_oof_thresholds": m["macro_f1"],
+            }
+        thresholds[name] = {
+            "global": d["global_threshold"],
+            "per_class": d["thresholds"].tolist(),
+            "at_least_one": at_least_one,
+            "tta": tta,
+            "shrink": shrink,
+            "source": "out-of-fold training scores" if use_oof else "validation",
+        }
+        rows.append(
+            {
+                "model": name,
+                **{k: v for k, v in t.items() if k != "per_class"},
+                "train_minutes": d["result"]["train_seconds"] / 60,
+                "parameters_M": d["result"]["parameters"] / 1e6,
+            }
+        )
     table = pd.DataFrame(rows).set_index("model")
     with atomic_path(run_dir / "results.csv") as tmp:
         table.to_csv(tmp)
@@ -139,31 +191,52 @@ def compare_models(run_dir: Path | str, names: list[str], tta: bool = True,
     return table, details
 
 
-
-
 # ---- What determines each artifact, checked before any training -------------------------------
 #: Settings that change what a backbone's training produces. Any difference makes its
 #: checkpoints, features and scores stale. Everything else (thresholds, TTA, the top-1
 #: guarantee, the ensemble, progress bars, workers) acts after training and reuses the models.
-TRAINING_SETTINGS = ("img_size", "pad", "head", "logistic_c", "dropout", "loss", "lr_head", "lr_finetune",
-                     "backbone_lr_factor", "weight_decay", "epochs_frozen", "epochs_finetune",
-                     "batch_size", "augment", "freeze_bn", "ema_epochs", "refit", "seed")
+TRAINING_SETTINGS = (
+    "img_size",
+    "pad",
+    "dropout",
+    "loss",
+    "lr_head",
+    "lr_finetune",
+    "backbone_lr_factor",
+    "weight_decay",
+    "epochs_frozen",
+    "epochs_finetune",
+    "batch_size",
+    "augment",
+    "freeze_bn",
+    "ema_epochs",
+    "seed",
+)
 
 
-def model_settings(name: str, cfg: dict, preprocess: dict, data_id: str, split_id: str,
-                   amp_dtype=None) -> dict:
+def model_settings(
+    name: str, cfg: dict, preprocess: dict, data_id: str, split_id: str, amp_dtype=None
+) -> dict:
     """Everything that determines one backbone's trained model, as stored in ``settings.json``."""
-    return {"backbone": name, **{k: cfg[k] for k in TRAINING_SETTINGS},
-            "input": {"size": preprocess["size"], "mean": list(preprocess["mean"]),
-                      "std": list(preprocess["std"])},
-            "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "float32",
-            "data": data_id, "split": split_id}
+    return {
+        "backbone": name,
+        **{k: cfg[k] for k in TRAINING_SETTINGS},
+        "input": {
+            "size": preprocess["size"],
+            "mean": list(preprocess["mean"]),
+            "std": list(preprocess["std"]),
+        },
+        "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "float32",
+        "data": data_id,
+        "split": split_id,
+    }
 
 
 def move_aside(run_dir: Path | str, *paths: Path | str, log=print) -> Path | None:
     """Move stale artifacts to ``<run>/replaced/<time>/`` (kept for inspection, out of the way)."""
     import shutil
     import time
+
     run_dir = Path(run_dir)
     paths = [Path(p) for p in paths if Path(p).exists()]
     if not paths:
@@ -191,8 +264,14 @@ def check_model(run_dir: Path | str, settings: dict, retrain: bool = False, log=
     old = load_json(path) if path.exists() else {"(settings.json)": "missing"}
     diffs = differences(old, settings)
     if diffs and not retrain:
-        raise StaleRunError(stale_message(f"backbone {settings['backbone']}", diffs, Path(run_dir),
-                                          f"RETRAIN = [\"{settings['backbone']}\"]"))
+        raise StaleRunError(
+            stale_message(
+                f"backbone {settings['backbone']}",
+                diffs,
+                Path(run_dir),
+                f'OPTIONS = {{"retrain": ["{settings["backbone"]}"]}}',
+            )
+        )
     if diffs or retrain:
         move_aside(run_dir, folder, log=log)
         return "new"

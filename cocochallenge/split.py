@@ -5,6 +5,7 @@ makes per-class thresholds and the course metric (weights 1/positives) unstable.
 is stored in the run folder with what it was made from (seed, fraction, data), so that a
 changed setting is seen instead of silently overridden.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -27,14 +28,18 @@ def stratified_split(Y: np.ndarray, val_fraction: float = 0.1, seed: int = 0):
     if not 0 < val_fraction < 1:
         raise ValueError("val_fraction must be in (0, 1)")
     from iterstrat.ml_stratifiers import MultilabelStratifiedShuffleSplit
+
     Y = np.asarray(Y, dtype=bool)
-    splitter = MultilabelStratifiedShuffleSplit(n_splits=1, test_size=val_fraction, random_state=seed)
+    splitter = MultilabelStratifiedShuffleSplit(
+        n_splits=1, test_size=val_fraction, random_state=seed
+    )
     tr, va = next(splitter.split(np.zeros(len(Y)), Y.astype(np.uint8)))
     side = np.zeros(len(Y), dtype=np.int8)
     side[va] = 1
     left = repair_split(Y, side)
     if left:
-        warnings.warn(f"classes left on one side of the split: {[CLASSES[c] for c in left]}")
+        names = [CLASSES[c] for c in left]
+        warnings.warn(f"classes left on one side of the split: {names}", stacklevel=2)
     return np.flatnonzero(side == 0), np.flatnonzero(side == 1)
 
 
@@ -49,8 +54,13 @@ def repair_split(Y: np.ndarray, side: np.ndarray, max_passes: int = 50) -> list[
 
     def missing():
         per_side = np.stack([Y[side == 0].sum(0), Y[side == 1].sum(0)])
-        return per_side, [(c, s) for c in np.argsort(counts, kind="stable") if counts[c] >= 2
-                          for s in (0, 1) if per_side[s, c] == 0]
+        return per_side, [
+            (c, s)
+            for c in np.argsort(counts, kind="stable")
+            if counts[c] >= 2
+            for s in (0, 1)
+            if per_side[s, c] == 0
+        ]
 
     for _ in range(max_passes):
         per_side, todo = missing()
@@ -60,7 +70,7 @@ def repair_split(Y: np.ndarray, side: np.ndarray, max_passes: int = 50) -> list[
             if per_side[s, c] > 0:
                 continue
             donors = np.flatnonzero((side == 1 - s) & Y[:, c])
-            if len(donors) < 2:          # moving the only one would empty the other side
+            if len(donors) < 2:  # moving the only one would empty the other side
                 continue
             # cost: classes whose last image on the donor side would leave with it
             cost = (Y[donors] & (per_side[1 - s] == 1)[None, :]).sum(1)
@@ -73,36 +83,52 @@ def repair_split(Y: np.ndarray, side: np.ndarray, max_passes: int = 50) -> list[
 
 def split_id(train_stems, val_stems) -> str:
     """A short digest of which images are on which side."""
-    h = hashlib.sha256("\n".join(sorted(train_stems)).encode() + b"|" + "\n".join(sorted(val_stems)).encode())
+    h = hashlib.sha256(
+        "\n".join(sorted(train_stems)).encode() + b"|" + "\n".join(sorted(val_stems)).encode()
+    )
     return h.hexdigest()[:16]
 
 
-def load_or_make_split(dataset, path: Path | str, val_fraction: float = 0.1, seed: int = 0,
-                       data_id: str | None = None, replace: bool = False, log=print):
-    """The split of ``dataset`` (``labels``, ``stems``), read from ``path``, else made and written.
+def load_or_make_split(
+    stems: list[str],
+    labels: np.ndarray,
+    path: Path | str,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    data_id: str | None = None,
+    replace: bool = False,
+):
+    """Indices ``(train, val)`` of the images ``stems``, read from ``path``, else made and written.
 
     Both notebooks and every later run then use the same images for validation. The file
     stores image ids, the seed, the fraction and the data digest. If any of them differs from
-    the current settings the run stops (:class:`~cocochallenge.files.StaleRunError`) and lists the differences, unless
-    ``replace`` says to make a new split: every model of the folder is then stale too, which
-    the per-backbone check finds from the new split's id.
+    the current settings the run stops (:class:`~cocochallenge.files.StaleRunError`) and
+    lists the differences, unless ``replace`` says to make a new split: every model of the
+    folder is then stale too, which the per-backbone check finds from the new split's id.
     """
     path = Path(path)
     want = {"seed": seed, "val_fraction": val_fraction, "data": data_id}
     if path.exists() and not replace:
         saved = load_json(path)
         diffs = differences({k: saved.get(k) for k in want}, want)
-        index = {s: i for i, s in enumerate(dataset.stems)}
+        index = {s: i for i, s in enumerate(stems)}
         unknown = [s for s in saved["train"] + saved["val"] if s not in index]
-        if unknown or len(saved["train"]) + len(saved["val"]) != len(dataset.stems):
-            diffs.append(f"images: the split covers {len(saved['train']) + len(saved['val'])} "
-                         f"({len(unknown)} not in the data), the data has {len(dataset.stems)}")
+        if unknown or len(saved["train"]) + len(saved["val"]) != len(stems):
+            diffs.append(
+                f"images: the split covers {len(saved['train']) + len(saved['val'])} "
+                f"({len(unknown)} not in the data), the data has {len(stems)}"
+            )
         if diffs:
-            raise StaleRunError(stale_message("the split (split.json)", diffs, path.parent,
-                                              'RETRAIN = "all"'))
-        return (np.array([index[s] for s in saved["train"]], dtype=np.int64),
-                np.array([index[s] for s in saved["val"]], dtype=np.int64))
-    tr, va = stratified_split(dataset.labels, val_fraction, seed)
-    train, val = [dataset.stems[i] for i in tr], [dataset.stems[i] for i in va]
+            raise StaleRunError(
+                stale_message(
+                    "the split (split.json)", diffs, path.parent, 'OPTIONS = {"retrain": ["all"]}'
+                )
+            )
+        return (
+            np.array([index[s] for s in saved["train"]], dtype=np.int64),
+            np.array([index[s] for s in saved["val"]], dtype=np.int64),
+        )
+    tr, va = stratified_split(labels, val_fraction, seed)
+    train, val = [stems[i] for i in tr], [stems[i] for i in va]
     save_json({**want, "id": split_id(train, val), "train": train, "val": val}, path, indent=None)
     return tr, va

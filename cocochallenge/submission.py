@@ -3,6 +3,7 @@
 A submission under an existing group name overwrites the team's entry, so a malformed file
 costs the team its place: nothing is written until every check passes.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,6 +15,7 @@ from .config import NUM_CLASSES
 from .data import list_files
 from .files import atomic_path, load_json
 from .metrics import evaluate_predictions
+
 
 class SubmissionError(ValueError):
     """A submission that the leaderboard would reject or misread; nothing was written."""
@@ -36,10 +38,15 @@ def submission_problems(sub, test_stems=None) -> list[str]:
         if not isinstance(key, str) or not (len(key) == 12 and key.isdigit()):
             problems.append(f"key {key!r} is not a 12-digit image id (file stem, no extension)")
         if not isinstance(value, list):
-            problems.append(f"{key}: value must be a list of class indices, not {type(value).__name__}")
+            problems.append(
+                f"{key}: value must be a list of class indices, not {type(value).__name__}"
+            )
             continue
-        bad = [v for v in value if isinstance(v, bool) or not isinstance(v, int)
-               or not 0 <= v < NUM_CLASSES]
+        bad = [
+            v
+            for v in value
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < NUM_CLASSES
+        ]
         if bad:
             problems.append(f"{key}: {bad[:5]} not class indices (ints 0..{NUM_CLASSES - 1})")
         elif value != sorted(set(value)):
@@ -82,7 +89,7 @@ def write_submission(sub: dict, path: Path | str, test_dir: Path | str | None = 
                 with atomic_path(path.with_name(path.name + ".bak")) as tmp:
                     tmp.write_bytes(path.read_bytes())
         except (OSError, ValueError):
-            pass                                   # an unreadable old file is not worth keeping
+            pass  # an unreadable old file is not worth keeping
     text = "{\n" + ",\n".join(f'"{k}": {json.dumps(v)}' for k, v in sorted(sub.items())) + "\n}\n"
     with atomic_path(path) as tmp:
         tmp.write_text(text)
@@ -109,4 +116,3 @@ def score_submission(sub: dict | Path | str, answers: dict | Path | str) -> dict
     out["n_images"] = len(stems)
     out["n_missing"] = sum(1 for s in stems if s not in sub)
     return out
-

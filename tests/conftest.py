@@ -1,11 +1,9 @@
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 #: Real COCO photos in the challenge layout, beside the checkout (absent: those tests skip).
 REAL = Path(os.environ.get("COCO_REAL_DEV", ROOT.parent / "shared" / "real-coco-dev"))
@@ -22,6 +20,7 @@ def real_dev():
 def demo_root(tmp_path_factory):
     """A small generated dataset shared by the tests that only read it."""
     from cocochallenge import demo
+
     root = tmp_path_factory.mktemp("demo") / "ms-coco"
     demo.make_demo_data(root, n_train=240, n_test=40, seed=3, progress=False)
     return root
@@ -35,16 +34,23 @@ def write_labels(folder: Path, rows: dict) -> None:
 
 
 def load_run_data(root, split_path, val_fraction=0.1, seed=0, log=print):
-    """The data cells of challenge.ipynb (scan, datasets, report, split), for tests that break data."""
+    """The data cells of challenge.ipynb (scan, datasets, report, split), for tests of bad data."""
     import types
 
     import helpers as h
     from cocochallenge import data, split
+
     paths = data.data_paths(root)
     scan = data.scan_data(root)
     train = h.COCOTrainImageDataset(paths["train_images"], paths["train_labels"])
-    train.drop(scan["skip"])
+    data.drop_images(train, scan["skip"])
     test = h.COCOTestImageDataset(paths["test_images"])
-    data.report_data(scan, train.label_notes, log=log)
-    tr, va = split.load_or_make_split(train, split_path, val_fraction, seed, data.data_fingerprint(train, test))
-    return types.SimpleNamespace(scan=scan, train=train, test=test, train_idx=tr, val_idx=va)
+    notes = []
+    Y = data.labels_of(train, notes)
+    data.report_data(scan, notes, log=log)
+    stems = data.stems(train)
+    data_id = data.data_fingerprint(train, Y, test)
+    tr, va = split.load_or_make_split(stems, Y, split_path, val_fraction, seed, data_id)
+    return types.SimpleNamespace(
+        scan=scan, train=train, test=test, Y=Y, stems=stems, train_idx=tr, val_idx=va
+    )

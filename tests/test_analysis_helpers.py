@@ -1,4 +1,5 @@
-"""The analysis section of helpers.py: its numbers against the library's metric, on synthetic arrays."""
+"""The analysis tables and figures: their numbers against the library's metric, synthetic arrays."""
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -8,10 +9,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
-import helpers as h
 from cocochallenge import analysis, files, metrics, plots, runs  # noqa: E402
-
-C = h.NUM_CLASSES
+from cocochallenge.config import NUM_CLASSES as C  # noqa: E402
 
 
 def _scores(n=300, seed=0, rate=0.06):
@@ -37,26 +36,52 @@ def run_dir(tmp_path):
         q = np.clip(p + rng.normal(0, 0.05 * (k + 1), p.shape), 1e-4, 1 - 1e-4).astype(np.float32)
         q_tta = np.clip(q + rng.normal(0, 0.02, p.shape), 1e-4, 1 - 1e-4).astype(np.float32)
         files.save_npz(out / "val_scores.npz", probs=q, probs_tta=q_tta, targets=y, stems=stems)
-        files.save_npz(out / "test_scores.npz", probs=q[:10], probs_tta=q_tta[:10], stems=stems[:10])
-        files.save_json({"train_seconds": 60.0 * (k + 1), "parameters": 1_000_000 * (k + 2),
-                     "val_images_per_second": 100.0 / (k + 1)}, out / "result.json")
-        files.save_json([{"phase": ph, "epoch": e, "global_epoch": g, "seconds": 2.0, "train_loss": 1 / g,
-                      "val_loss": 1.1 / g, "val_f1": 0.1 * g, "val_mAP": 0.1 * g}
-                     for g, (ph, e) in enumerate([("frozen", 1), ("frozen", 2), ("finetune", 1)], 1)],
-                    out / "history.json")
-    files.save_json({"backbones": names, "tta": True, "at_least_one": True, "min_positives": 5,
-                 "data_root": ""}, tmp_path / "config.json")
-    files.save_json({"chosen": "ensemble", "data_root": str(tmp_path / "nowhere"), "demo": True},
-                tmp_path / "summary.json")
-    files.save_json({"seed": 0, "val_fraction": 0.1, "train": ["000000999999"], "val": stems.tolist()},
-                tmp_path / "split.json")
-    runs.compare_models(tmp_path, names, tta=True, min_positives=5, at_least_one=True)
+        files.save_npz(
+            out / "test_scores.npz", probs=q[:10], probs_tta=q_tta[:10], stems=stems[:10]
+        )
+        files.save_json(
+            {
+                "train_seconds": 60.0 * (k + 1),
+                "parameters": 1_000_000 * (k + 2),
+                "val_images_per_second": 100.0 / (k + 1),
+            },
+            out / "result.json",
+        )
+        files.save_json(
+            [
+                {
+                    "phase": ph,
+                    "epoch": e,
+                    "global_epoch": g,
+                    "seconds": 2.0,
+                    "train_loss": 1 / g,
+                    "val_loss": 1.1 / g,
+                    "val_f1": 0.1 * g,
+                    "val_mAP": 0.1 * g,
+                }
+                for g, (ph, e) in enumerate([("frozen", 1), ("frozen", 2), ("finetune", 1)], 1)
+            ],
+            out / "history.json",
+        )
+    files.save_json(
+        {"backbones": names, "tta": True, "at_least_one": True, "shrink": 10, "data_root": ""},
+        tmp_path / "config.json",
+    )
+    files.save_json(
+        {"chosen": "ensemble", "data_root": str(tmp_path / "nowhere"), "demo": True},
+        tmp_path / "summary.json",
+    )
+    files.save_json(
+        {"seed": 0, "val_fraction": 0.1, "train": ["000000999999"], "val": stems.tolist()},
+        tmp_path / "split.json",
+    )
+    runs.compare_models(tmp_path, names, tta=True, at_least_one=True, shrink=10)
     return tmp_path
 
 
 def test_threshold_sweep_matches_library_metrics():
     y, p = _scores()
-    y[:, 7] = 0                                            # a class without positives: not averaged
+    y[:, 7] = 0  # a class without positives: not averaged
     grid = np.array([0.05, 0.2, 0.5, 0.8])
     sw = analysis.threshold_sweep(y, p, grid)
     assert len(sw) == len(grid)
@@ -69,8 +94,10 @@ def test_threshold_sweep_matches_library_metrics():
 
 def test_per_class_table_adds_up_to_the_course_metric():
     y, p = _scores(seed=3)
-    thr = np.maximum(metrics.per_class_thresholds(y, p), 0.8)     # high: many images get no class ...
-    assert (metrics.apply_thresholds(p, thr).sum(1) == 0).sum() > 10  # ... so the top-1 guarantee matters
+    thr = np.maximum(metrics.per_class_thresholds(y, p), 0.8)  # high: many images get no class ...
+    assert (
+        metrics.apply_thresholds(p, thr).sum(1) == 0
+    ).sum() > 10  # ... so the top-1 guarantee matters
     rep = metrics.per_class_table(y, p, thr, at_least_one=True, train_counts=y.sum(0) * 9)
     assert len(rep) == C and list(rep["train images"]) == list(y.sum(0) * 9)
     w = 1.0 / rep["support"].to_numpy()
@@ -84,30 +111,46 @@ def test_per_class_table_adds_up_to_the_course_metric():
     assert plain["predicted"].sum() < rep["predicted"].sum() and "train images" not in plain
 
 
-def test_best_mask_marks_each_columns_winner():
-    t = pd.DataFrame({"f1": [0.2, 0.5, 0.5], "seconds": [3.0, 1.0, 2.0], "threshold": [0.1, 0.9, 0.3],
-                      "speed": [np.nan, 4.0, 1.0], "name": ["a", "b", "c"]}, index=["x", "y", "z"])
-    m = analysis.best_mask(t, lower=["seconds"], skip=["threshold"])
-    assert m["f1"].tolist() == [False, True, True]          # ties are all marked
-    assert m["seconds"].tolist() == [False, True, False]    # lower is better
-    assert not m["threshold"].any() and not m["name"].any()
-    assert m["speed"].tolist() == [False, True, False]      # NaN is never best
-    html = analysis.highlight_best(t.drop(columns="name"), lower=["seconds"], skip=["threshold"]).to_html()
-    assert html.count("font-weight: bold") >= 1
-    # the meaning survives without the styles (an untrusted notebook): a text mark per best cell
-    assert html.count("★") == 1 + 2 + 1 + 1                # caption + f1 tie + seconds + speed
-    narrow = analysis.highlight_best(t.drop(columns="name"), lower=["seconds"], skip=["threshold"], transpose=True)
-    assert list(narrow.data.columns) == ["x", "y", "z"] and "best of its row" in narrow.to_html()
-    one = analysis.highlight_best(t.drop(columns="name").iloc[:1]).to_html()
-    assert "★" not in one and "font-weight: bold" not in one      # one model: nothing is "best"
+def _marked(style):
+    """(row label, column label) of every cell the Styler's CSS makes bold on green."""
+    import re
+
+    html, data = style.to_html(), style.data
+    cells = set()
+    for selectors, props in re.findall(r"([^{}]+)\{([^}]*)\}", html):
+        if analysis.BEST_CELL_STYLE.split(";")[0] in props:
+            for r, c in re.findall(r"_row(\d+)_col(\d+)", selectors):
+                cells.add((data.index[int(r)], data.columns[int(c)]))
+    return cells
+
+
+def test_highlight_best_marks_each_columns_winner():
+    """pandas' highlight_max/min mark each column's best (ties all marked, lowest best for the
+    `lower` columns, never a setting in `skip`, never NaN); with one model nothing is marked."""
+    t = pd.DataFrame(
+        {
+            "f1": [0.2, 0.5, 0.5],
+            "seconds": [3.0, 1.0, 2.0],
+            "threshold": [0.1, 0.9, 0.3],
+            "speed": [np.nan, 4.0, 1.0],
+        },
+        index=["x", "y", "z"],
+    )
+    marked = _marked(analysis.highlight_best(t, lower=["seconds"], skip=["threshold"]))
+    assert marked == {("y", "f1"), ("z", "f1"), ("y", "seconds"), ("y", "speed")}
+    narrow = analysis.highlight_best(t, lower=["seconds"], skip=["threshold"], transpose=True)
+    assert list(narrow.data.columns) == ["x", "y", "z"]
+    assert _marked(narrow) == {(c, r) for r, c in marked}
+    assert _marked(analysis.highlight_best(t.iloc[:1])) == set()  # one model: nothing is "best"
 
 
 def test_best_and_worst_rank_only_classes_with_positives():
-    rep = pd.DataFrame({"class": list("abcde"), "support": [0, 5, 1, 9, 3],
-                        "f1": [0.0, 0.0, 0.9, 0.0, 0.5]})
+    rep = pd.DataFrame(
+        {"class": list("abcde"), "support": [0, 5, 1, 9, 3], "f1": [0.0, 0.0, 0.9, 0.0, 0.5]}
+    )
     best, worst = analysis.best_and_worst(rep, 2)
     assert list(best["class"]) == ["c", "e"]
-    assert list(worst["class"]) == ["d", "b"]               # equal F1: better-supported first
+    assert list(worst["class"]) == ["d", "b"]  # equal F1: better-supported first
     assert "a" not in set(best["class"]) | set(worst["class"])
 
 
@@ -116,27 +159,27 @@ def test_error_examples_are_the_most_confident_mistakes():
     probs = np.array([[0.9], [0.8], [0.6], [0.1], [0.3], [0.2]])
     pred = probs > 0.5
     fp, fn = analysis.error_examples(y, pred, probs, 0, n=5)
-    assert fp.tolist() == [1, 2]                            # highest probability first
-    assert fn.tolist() == [3, 4]                            # lowest probability first
+    assert fp.tolist() == [1, 2]  # highest probability first
+    assert fn.tolist() == [3, 4]  # lowest probability first
     fp1, _ = analysis.error_examples(y, pred, probs, 0, n=1)
     assert fp1.tolist() == [1]
     row = np.zeros(C, dtype=bool)
-    row[[1, 2, 3, 4, 5, 60]] = True                       # the grid's captions: the row's class first
+    row[[1, 2, 3, 4, 5, 60]] = True  # the grid's captions: the row's class first
     assert plots._names(row, first=60).startswith("dining table, bicycle")
     scores = np.zeros(C)
     scores[5] = 0.9
     assert plots._names(row, first=60, scores=scores).startswith("dining table, bus, bicycle")
     assert plots._names(row).endswith("+2") and plots._names(np.zeros(C)) == "(none)"
-    assert plots._names(row, width=12) == "bicycle, car +4"      # captions stay short
+    assert plots._names(row, width=12) == "bicycle, car +4"  # captions stay short
 
 
 def test_cooccurrence_is_conditional_and_similarity_is_a_correlation():
     Y = np.zeros((4, C), dtype=np.uint8)
-    Y[:, 0] = 1                                             # class 0 in all four images
-    Y[:2, 1] = 1                                            # class 1 in two of them
+    Y[:, 0] = 1  # class 0 in all four images
+    Y[:2, 1] = 1  # class 1 in two of them
     P = analysis.cooccurrence(Y)
     assert P[0, 1] == pytest.approx(0.5) and P[1, 0] == pytest.approx(1.0)
-    assert np.isnan(P[0, 0]) and np.isnan(P[5]).all()       # diagonal and absent classes
+    assert np.isnan(P[0, 0]) and np.isnan(P[5]).all()  # diagonal and absent classes
     a = np.random.default_rng(0).random((C, C))
     assert analysis.cooccurrence_similarity(a, a) == pytest.approx(1.0)
     assert analysis.cooccurrence_similarity(a, 1 - a) == pytest.approx(-1.0)
@@ -149,7 +192,7 @@ def test_label_count_table_counts_and_caps():
     y[0, :2] = 1
     pred[0, :2] = True
     y[1, :1] = 1
-    pred[1, :15] = True                                    # 15 predicted: pooled as 10
+    pred[1, :15] = True  # 15 predicted: pooled as 10
     t = analysis.label_count_table(y, pred, cap=10)
     assert t.to_numpy().sum() == 3
     assert t.loc[2, 2] == 1 and t.loc[1, 10] == 1 and t.loc[0, 0] == 1
@@ -161,7 +204,7 @@ def test_pick_classes_frequent_and_rare_do_not_overlap():
     support[:6] = [50, 40, 3, 2, 1, 30]
     g = analysis.pick_classes(support, 3)
     assert g["frequent"] == [0, 1, 5]
-    assert g["rare"] == [4, 3, 2]                            # classes without positives never
+    assert g["rare"] == [4, 3, 2]  # classes without positives never
     small = analysis.pick_classes(support, 4)
     assert not set(small["frequent"]) & set(small["rare"])
 
@@ -169,48 +212,68 @@ def test_pick_classes_frequent_and_rare_do_not_overlap():
 def test_threshold_steps_accumulate_and_skip_a_missing_ensemble():
     y, p = _scores(seed=4)
     p_tta = np.clip(p + 0.01, 0, 1)
-    steps = analysis.threshold_steps(y, p, p_tta, None, min_positives=5)
+    steps = analysis.threshold_steps(y, p, p_tta, None, shrink=10)
     assert len(steps) == 6 and "+ ensemble" not in steps.index
     assert steps["course F1"].iloc[0] == pytest.approx(
-        metrics.course_f1(y, p > metrics.COURSE_LOGIT_THRESHOLD_AS_PROB)["f1"])
+        metrics.course_f1(y, p > metrics.COURSE_LOGIT_THRESHOLD_AS_PROB)["f1"]
+    )
     assert steps["course F1"].iloc[1] == pytest.approx(metrics.course_f1(y, p > 0.5)["f1"])
     np.testing.assert_allclose(steps["gain"].iloc[1:], np.diff(steps["course F1"]))
     assert steps["held-out"].iloc[:3].isna().all() and steps["held-out"].iloc[3:].notna().all()
-    with_ens = analysis.threshold_steps(y, p, p_tta, (p + p_tta) / 2, min_positives=5)
+    with_ens = analysis.threshold_steps(y, p, p_tta, (p + p_tta) / 2, shrink=10)
     assert with_ens.index[-1] == "+ ensemble" and len(with_ens) == 7
-    no_tta = analysis.threshold_steps(y, p, None, None, min_positives=5)    # a run without TTA
+    no_tta = analysis.threshold_steps(y, p, None, None, shrink=10)  # a run without TTA
     assert list(no_tta.index) == list(steps.index[:5])
 
 
 def test_run_artifacts_and_comparison_table_agree_with_compare_models(run_dir):
     run = analysis.RunArtifacts(run_dir)
     assert run.models == ["m_a", "m_b", "ensemble"] and run.chosen() == "ensemble"
-    np.testing.assert_allclose(run.probs["ensemble"],
-                               (run.val["m_a"]["probs_tta"] + run.val["m_b"]["probs_tta"]) / 2)
-    assert run.train_labels() is None                        # no data folder: figures skip it
+    np.testing.assert_allclose(
+        run.probs["ensemble"], (run.val["m_a"]["probs_tta"] + run.val["m_b"]["probs_tta"]) / 2
+    )
+    assert run.train_labels() is None  # no data folder: figures skip it
     table = analysis.comparison_table(run)
     saved = pd.read_csv(run_dir / "results.csv", index_col="model")
     assert list(table.index) == list(saved.index)
-    for mine, theirs in [("F1 raw>0.5", "f1_logit_0.5"), ("F1 @0.5", "f1_0.5"), ("F1 global", "f1_global"),
-                         ("F1 per-class", "f1_per_class"), ("F1 held-out", "f1_per_class_heldout"),
-                         ("macro F1", "macro_f1"), ("micro F1", "micro_f1"), ("mAP", "mAP"),
-                         ("params (M)", "parameters_M"), ("train (min)", "train_minutes")]:
+    for mine, theirs in [
+        ("F1 raw>0.5", "f1_logit_0.5"),
+        ("F1 @0.5", "f1_0.5"),
+        ("F1 global", "f1_global"),
+        ("F1 per-class", "f1_per_class"),
+        ("F1 held-out", "f1_heldout"),
+        ("macro F1", "macro_f1"),
+        ("micro F1", "micro_f1"),
+        ("mAP", "mAP"),
+        ("params (M)", "parameters_M"),
+        ("train (min)", "train_minutes"),
+    ]:
         np.testing.assert_allclose(table[mine], saved[theirs], rtol=1e-9, err_msg=mine)
     # the ensemble runs its members one after the other: 1 / (1/100 + 1/50)
     assert table.loc["ensemble", "images/s"] == pytest.approx(100 / 3)
     phases = analysis.phase_summary(run.history)
-    assert phases.loc[("m_a", "frozen"), "epochs"] == 2 and phases.loc[("m_a", "finetune"), "epochs"] == 1
-    assert "best EMA mAP" not in phases                      # no moving average in these histories
-    with_ema = {"m": [{"phase": "frozen", "val_mAP": 0.3}, {"phase": "finetune", "val_mAP": 0.4, "ema_mAP": 0.45},
-                      {"phase": "finetune", "val_mAP": 0.42, "ema_mAP": 0.44}]}
+    assert (
+        phases.loc[("m_a", "frozen"), "epochs"] == 2
+        and phases.loc[("m_a", "finetune"), "epochs"] == 1
+    )
+    assert "best EMA mAP" not in phases  # no moving average in these histories
+    with_ema = {
+        "m": [
+            {"phase": "frozen", "val_mAP": 0.3},
+            {"phase": "finetune", "val_mAP": 0.4, "ema_mAP": 0.45},
+            {"phase": "finetune", "val_mAP": 0.42, "ema_mAP": 0.44},
+        ]
+    }
     assert analysis.phase_summary(with_ema).loc[("m", "finetune"), "best EMA mAP"] == 0.45
     with pytest.raises(ValueError, match="not a model"):
         run.chosen("nope")
 
 
 def test_run_artifacts_names_the_missing_step(tmp_path, run_dir):
-    with pytest.raises(FileNotFoundError, match="challenge.ipynb"):
+    with pytest.raises(FileNotFoundError, match="challenge.ipynb") as err:
         analysis.RunArtifacts(tmp_path / "empty")
+    # in a notebook the message is shown alone, without a traceback
+    assert err.value._render_traceback_() == [f"RunNotFound: {err.value}"]
     (run_dir / "models" / "m_b" / "val_scores.npz").unlink()
     with pytest.raises(FileNotFoundError, match="m_b"):
         analysis.RunArtifacts(run_dir)
@@ -219,20 +282,36 @@ def test_run_artifacts_names_the_missing_step(tmp_path, run_dir):
 def test_every_figure_draws_and_saves(run_dir):
     run = analysis.RunArtifacts(run_dir)
     table = analysis.comparison_table(run)
-    reports = {m: metrics.per_class_table(run.targets, run.probs[m], run.thresholds[m], True) for m in run.models}
+    reports = {
+        m: metrics.per_class_table(run.targets, run.probs[m], run.thresholds[m], True)
+        for m in run.models
+    }
     pred = run.predictions("m_a")
     sweeps = {m: analysis.threshold_sweep(run.targets, run.probs[m]) for m in run.models}
-    steps = analysis.threshold_steps(run.targets, run.val["m_a"]["probs"], run.val["m_a"]["probs_tta"], run.probs["ensemble"])
+    steps = analysis.threshold_steps(
+        run.targets, run.val["m_a"]["probs"], run.val["m_a"]["probs_tta"], run.probs["ensemble"]
+    )
     figs = {
         "comparison": plots.plot_comparison(table, ["F1 global", "mAP"]),
         "bars": plots.plot_per_class_bars(reports["m_a"]),
         "freq": plots.plot_f1_vs_frequency(reports, run.targets.sum(0)),
         "sweep": plots.plot_threshold_sweep(sweeps, run.global_thresholds),
-        "dist": plots.plot_threshold_distribution(run.thresholds, run.targets.sum(0), 5, run.global_thresholds),
+        "dist": plots.plot_threshold_distribution(
+            run.thresholds, run.targets.sum(0), run.global_thresholds
+        ),
         "steps": plots.plot_threshold_steps(steps),
-        "pr": plots.plot_pr_curves(run.targets, run.probs["m_a"], run.thresholds["m_a"], analysis.pick_classes(run.targets.sum(0), 2)),
-        "errors": plots.plot_error_grid([run.image_path(s) for s in run.stems], run.targets, pred, run.probs["m_a"], [0, 1], 2),
-        "cooc": plots.plot_cooccurrence({"truth": analysis.cooccurrence(run.targets), "pred": analysis.cooccurrence(pred)}),
+        "pr": plots.plot_pr_curves(
+            run.targets,
+            run.probs["m_a"],
+            run.thresholds["m_a"],
+            analysis.pick_classes(run.targets.sum(0), 2),
+        ),
+        "errors": plots.plot_error_grid(
+            [run.image_path(s) for s in run.stems], run.targets, pred, run.probs["m_a"], [0, 1], 2
+        ),
+        "cooc": plots.plot_cooccurrence(
+            {"truth": analysis.cooccurrence(run.targets), "pred": analysis.cooccurrence(pred)}
+        ),
         "counts": plots.plot_label_counts(analysis.label_count_table(run.targets, pred)),
         "history": plots.plot_history(run_dir, run.names, save=False),
     }
@@ -241,7 +320,7 @@ def test_every_figure_draws_and_saves(run_dir):
         assert path == run_dir / "figures" / f"{name}.png"
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
         plt.close(fig)
-    assert not (run_dir / "training_curves.png").exists()    # save=False writes nothing
+    assert not (run_dir / "training_curves.png").exists()  # save=False writes nothing
 
 
 def test_points_lost_add_up_to_the_course_metric():

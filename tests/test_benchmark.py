@@ -1,4 +1,5 @@
-"""The issue-5 benchmark: a quick run of the real command, and the pieces its fairness rests on."""
+"""The benchmark: a quick run of the real command, and the pieces its fairness rests on."""
+
 import json
 import math
 import subprocess
@@ -8,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import benchmark
+import helpers as h
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import benchmark  # noqa: E402
-import helpers as h  # noqa: E402
 
 
 def _finite_positive(x):
@@ -20,20 +21,53 @@ def _finite_positive(x):
 
 def test_quick_run_prints_table_then_one_json_line_with_every_figure(tmp_path):
     out_json = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmark.py"), "--quick", "--device", "cpu",
-                           "--json", str(out_json)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmark.py"),
+            "--quick",
+            "--device",
+            "cpu",
+            "--json",
+            str(out_json),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
-    res = json.loads(lines[-1])                              # the last line is the JSON object
+    res = json.loads(lines[-1])  # the last line is the JSON object
     assert res == json.loads(out_json.read_text())
     table = "\n".join(lines[:-1])
-    for header in ("1. Frozen phase", "2. Training DataLoader", "3. Fine-tuning", "4. Inference",
-                   "5. Peak memory", "6. Dataset + split", "Targets"):
+    for header in (
+        "1. Frozen phase",
+        "2. Training DataLoader",
+        "3. Fine-tuning",
+        "4. Inference",
+        "5. Peak memory",
+        "6. Dataset + split",
+        "Targets",
+    ):
         assert header in table
 
-    for key in ("benchmark", "version", "device", "settings", "frozen", "loader", "finetune",
-                "inference", "memory", "labels", "projection", "targets", "notes", "total_seconds"):
+    for key in (
+        "benchmark",
+        "version",
+        "device",
+        "settings",
+        "frozen",
+        "loader",
+        "finetune",
+        "inference",
+        "memory",
+        "labels",
+        "projection",
+        "targets",
+        "notes",
+        "total_seconds",
+    ):
         assert key in res, key
     assert res["device"]["type"] == "cpu" and res["device"]["torch"] == torch.__version__
     assert res["settings"]["quick"] is True
@@ -62,8 +96,14 @@ def test_quick_run_prints_table_then_one_json_line_with_every_figure(tmp_path):
         ft, inf = res["finetune"][name], res["inference"][name]
         for key in ("course_images_per_s", "fast_images_per_s", "ratio"):
             assert _finite_positive(ft[key]), (name, key)
-        for key in ("course_images_per_s", "course_tta_images_per_s", "fast_images_per_s",
-                    "fast_tta_images_per_s", "ratio", "ratio_tta"):
+        for key in (
+            "course_images_per_s",
+            "course_tta_images_per_s",
+            "fast_images_per_s",
+            "fast_tta_images_per_s",
+            "ratio",
+            "ratio_tta",
+        ):
             assert _finite_positive(inf[key]), (name, key)
         assert name in res["projection"]["per_backbone"]
 
@@ -81,9 +121,17 @@ def test_quick_run_prints_table_then_one_json_line_with_every_figure(tmp_path):
     assert lb["classes_on_both_sides"] == lb["classes_with_2_plus"]
 
     t = res["targets"]
-    for key in ("frozen_speedup_at_least_10x", "frozen_mAP_within_0.01", "labels_under_15s",
-                "labels_under_200MB", "labels_full_size", "finetune_library_faster",
-                "inference_library_faster", "gpu_finetune_at_least_2x", "gpu_loader_not_bottleneck"):
+    for key in (
+        "frozen_speedup_at_least_10x",
+        "frozen_mAP_within_0.01",
+        "labels_under_15s",
+        "labels_under_200MB",
+        "labels_full_size",
+        "finetune_library_faster",
+        "inference_library_faster",
+        "gpu_finetune_at_least_2x",
+        "gpu_loader_not_bottleneck",
+    ):
         assert key in t, key
     assert t["frozen_mAP_within_0.01"] is True and t["labels_full_size"] is False
     assert t["gpu_finetune_at_least_2x"] is None and t["gpu_loader_not_bottleneck"] is None
@@ -113,25 +161,42 @@ def test_course_sampler_replays_the_order_of_the_feature_batches():
     feats = torch.arange(n, dtype=torch.float32)[:, None]
     head = Recorder()
     opt = torch.optim.SGD(head.parameters(), lr=0.0)
-    h.train_loop(benchmark.feature_batches(feats, np.zeros((n, 80)), sampler, 8), head,
-                 torch.nn.BCEWithLogitsLoss(), opt, "cpu")
+    h.train_loop(
+        benchmark.feature_batches(feats, np.zeros((n, 80)), sampler, 8),
+        head,
+        torch.nn.BCEWithLogitsLoss(),
+        opt,
+        "cpu",
+    )
     assert seen == list(sampler)
-    course_seen = [int(x[0]) for batch in torch.utils.data.DataLoader(feats, batch_size=8, sampler=sampler)
-                   for x in batch]
+    course_seen = [
+        int(x[0])
+        for batch in torch.utils.data.DataLoader(feats, batch_size=8, sampler=sampler)
+        for x in batch
+    ]
     assert course_seen == seen
 
 
 def test_projection_uses_the_slower_of_compute_and_loader():
     ft = {"mobilenet_v3_large": {"fast_images_per_s": 1000.0, "course_images_per_s": 400.0}}
-    inf = {"mobilenet_v3_large": {"fast_images_per_s": 2000.0, "fast_tta_images_per_s": 1000.0,
-                                  "course_images_per_s": 800.0, "course_tta_images_per_s": 400.0}}
+    inf = {
+        "mobilenet_v3_large": {
+            "fast_images_per_s": 2000.0,
+            "fast_tta_images_per_s": 1000.0,
+            "course_images_per_s": 800.0,
+            "course_tta_images_per_s": 400.0,
+        }
+    }
     loader = {"fast": {"images_per_s": 500.0}, "course": {"images_per_s": 100.0}}
     pr = benchmark.project(ft, inf, loader)
     per = pr["per_backbone"]["mobilenet_v3_large"]
     assert per["finetune_bottleneck"] == "loader"
     r = benchmark.REAL_RUN
-    expected = ((r["n_train"] + r["n_val"]) / 500 + r["epochs_finetune"] * (r["n_train"] + r["n_val"]) / 500
-                + (r["n_val"] + r["n_test"]) / 500) / 3600
+    expected = (
+        (r["n_train"] + r["n_val"]) / 500
+        + r["epochs_finetune"] * (r["n_train"] + r["n_val"]) / 500
+        + (r["n_val"] + r["n_test"]) / 500
+    ) / 3600
     assert np.isclose(per["fast_hours"], expected)
     assert per["course_hours"] > per["fast_hours"]
     assert pr["complete"] is False and pr["fast_hours"] is None

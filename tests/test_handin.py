@@ -1,4 +1,5 @@
 """The Moodle zip: written only for a clean run, never with checkpoints or logs."""
+
 import json
 import zipfile
 
@@ -12,11 +13,30 @@ def _notebook(path, run_dir, counts=(1, 2, 3), error=False):
     for n in counts:
         outs = [{"output_type": "stream", "name": "stdout", "text": [f"run folder: {run_dir}\n"]}]
         if error and n == counts[-1]:
-            outs.append({"output_type": "error", "ename": "ValueError", "evalue": "boom", "traceback": []})
-        cells.append({"cell_type": "code", "execution_count": n, "metadata": {}, "outputs": outs, "source": []})
-    cells.append({"cell_type": "code", "execution_count": None, "metadata": {"tags": ["handin"]}, "outputs": [],
-                  "source": []})
-    path.write_text(json.dumps({"cells": cells, "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
+            outs.append(
+                {"output_type": "error", "ename": "ValueError", "evalue": "boom", "traceback": []}
+            )
+        cells.append(
+            {
+                "cell_type": "code",
+                "execution_count": n,
+                "metadata": {},
+                "outputs": outs,
+                "source": [],
+            }
+        )
+    cells.append(
+        {
+            "cell_type": "code",
+            "execution_count": None,
+            "metadata": {"tags": ["handin"]},
+            "outputs": [],
+            "source": [],
+        }
+    )
+    path.write_text(
+        json.dumps({"cells": cells, "metadata": {}, "nbformat": 4, "nbformat_minor": 5})
+    )
 
 
 @pytest.fixture()
@@ -48,21 +68,41 @@ def test_clean_run_is_packed_without_checkpoints_or_logs(run):
     out = handin.pack(run, log=lines.append)
     assert out == run / "handin.zip"
     names = zipfile.ZipFile(out).namelist()
-    for must in ("challenge.ipynb", "analysis.ipynb", "helpers.py", "cocochallenge/handin.py", "requirements.txt",
-                 "README.md", "run/submission.json", "run/results.csv", "run/figures/01.png", "run/config.json",
-                 "run/environment.json", "tools/ablation/evidence.csv"):      # the analysis notebook reads it
+    for must in (
+        "challenge.ipynb",
+        "analysis.ipynb",
+        "helpers.py",
+        "cocochallenge/handin.py",
+        "requirements.txt",
+        "README.md",
+        "run/submission.json",
+        "run/results.csv",
+        "run/figures/01.png",
+        "run/config.json",
+        "run/environment.json",
+        "tools/ablation/evidence.csv",
+    ):  # the analysis notebook reads it
         assert must in names, must
     assert not [n for n in names if n.endswith(".pt") or "tensorboard" in n or "features" in n]
     assert any("handin.zip" in line and "MB" in line for line in lines)
 
 
-@pytest.mark.parametrize("damage,expected", [
-    (lambda r: _notebook(r / "challenge.ipynb", r, counts=(1, 3, 2)), "not run top to bottom"),
-    (lambda r: _notebook(r / "analysis.ipynb", r, error=True), "ValueError"),
-    (lambda r: _notebook(r / "challenge.ipynb", r.parent / "other"), "never name the run folder"),
-    (lambda r: files.save_json({"000000000001": [0]}, r / "submission.json"), "submission.json is not valid"),
-    (lambda r: (r / "config.json").unlink(), "run/config.json is missing"),
-])
+@pytest.mark.parametrize(
+    "damage,expected",
+    [
+        (lambda r: _notebook(r / "challenge.ipynb", r, counts=(1, 3, 2)), "not run top to bottom"),
+        (lambda r: _notebook(r / "analysis.ipynb", r, error=True), "ValueError"),
+        (
+            lambda r: _notebook(r / "challenge.ipynb", r.parent / "other"),
+            "never name the run folder",
+        ),
+        (
+            lambda r: files.save_json({"000000000001": [0]}, r / "submission.json"),
+            "submission.json is not valid",
+        ),
+        (lambda r: (r / "config.json").unlink(), "run/config.json is missing"),
+    ],
+)
 def test_problems_are_said_and_nothing_is_written(run, damage, expected):
     damage(run)
     lines = []

@@ -1,15 +1,17 @@
 """The library's metric against the course's own code, the guarded cases, thresholds."""
+
 import math
 
 import numpy as np
 import pytest
 import torch
+from course_reference import validation_loop as course_validation_loop
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import helpers as h
-from cocochallenge import losses, metrics
-from course_reference import validation_loop as course_validation_loop
+from cocochallenge import metrics
+from cocochallenge.config import NUM_CLASSES
 
 
 class Identity(nn.Module):
@@ -19,30 +21,32 @@ class Identity(nn.Module):
 
 def _loader(n=300, seed=0, all_classes=True, one_hot=True):
     g = torch.Generator().manual_seed(seed)
-    logits = torch.randn(n, h.NUM_CLASSES, generator=g) * 2 - 1
+    logits = torch.randn(n, NUM_CLASSES, generator=g) * 2 - 1
     if one_hot:
-        y = (torch.rand(n, h.NUM_CLASSES, generator=g) < 0.08).float()
+        y = (torch.rand(n, NUM_CLASSES, generator=g) < 0.08).float()
         if all_classes:
-            y[torch.arange(h.NUM_CLASSES), torch.arange(h.NUM_CLASSES)] = 1.0
+            y[torch.arange(NUM_CLASSES), torch.arange(NUM_CLASSES)] = 1.0
         # correlate outputs with labels so that precision/recall are not trivial
         logits = logits + 2.5 * y
     else:
-        y = torch.randint(0, h.NUM_CLASSES, (n,), generator=g)
-        y[: h.NUM_CLASSES] = torch.arange(h.NUM_CLASSES)
+        y = torch.randint(0, NUM_CLASSES, (n,), generator=g)
+        y[:NUM_CLASSES] = torch.arange(NUM_CLASSES)
     return DataLoader(TensorDataset(logits, y), batch_size=64)
 
 
-@pytest.mark.parametrize("multi_label,th,one_hot", [(True, 0.5, True), (True, 0.0, True),
-                                                    (True, 1.5, True), (False, 0.5, True)])
+@pytest.mark.parametrize(
+    "multi_label,th,one_hot",
+    [(True, 0.5, True), (True, 0.0, True), (True, 1.5, True), (False, 0.5, True)],
+)
 def test_validation_loop_matches_course(multi_label, th, one_hot):
     loader = _loader(seed=int(th * 10) + multi_label)
     crit = nn.BCEWithLogitsLoss()
-    args = (loader, Identity(), crit, h.NUM_CLASSES, "cpu")
+    args = (loader, Identity(), crit, NUM_CLASSES, "cpu")
     kw = dict(multi_label=multi_label, th_multi_label=th, one_hot=one_hot, class_metrics=True)
     ours, ours_c = h.validation_loop(*args, **kw)
     ref, ref_c = course_validation_loop(*args, **kw)
     for key in ("loss", "accuracy", "f1", "precision", "recall"):
-        assert ours[key] == pytest.approx(float(ref[key]), rel=1e-5, abs=1e-7), key
+        assert float(ours[key]) == pytest.approx(float(ref[key]), rel=1e-5, abs=1e-7), key
     assert 0 < ours["f1"] < 1
     for a, b in zip(ours_c, ref_c):
         for key in ("f1", "precision", "recall"):
@@ -52,31 +56,40 @@ def test_validation_loop_matches_course(multi_label, th, one_hot):
 def test_validation_loop_single_label_indices_matches_course():
     loader = _loader(one_hot=False)
     crit = nn.CrossEntropyLoss()
-    args = (loader, Identity(), crit, h.NUM_CLASSES, "cpu")
+    args = (loader, Identity(), crit, NUM_CLASSES, "cpu")
     ours = h.validation_loop(*args)
     ref = course_validation_loop(*args)
     for key in ("loss", "accuracy", "f1", "precision", "recall"):
-        assert ours[key] == pytest.approx(float(ref[key]), rel=1e-5, abs=1e-7)
+        assert float(ours[key]) == pytest.approx(float(ref[key]), rel=1e-5, abs=1e-7)
 
 
 def test_class_without_positives_is_finite_where_course_is_nan():
     loader = _loader(all_classes=False, n=40, seed=5)
     y = torch.cat([b[1] for b in loader])
     assert (y.sum(0) == 0).any(), "the case needs a class with no positive"
-    args = (loader, Identity(), nn.BCEWithLogitsLoss(), h.NUM_CLASSES, "cpu")
+    args = (loader, Identity(), nn.BCEWithLogitsLoss(), NUM_CLASSES, "cpu")
     ref = course_validation_loop(*args, multi_label=True, one_hot=True)
     assert math.isnan(float(ref["f1"]))
     ours = h.validation_loop(*args, multi_label=True, one_hot=True)
-    assert all(math.isfinite(ours[k]) for k in ("f1", "precision", "recall", "accuracy"))
+    assert all(math.isfinite(float(ours[k])) for k in ("f1", "precision", "recall", "accuracy"))
     # the guarded value: classes without positives simply drop out of the weights
     present = (y.sum(0) > 0).numpy()
     logits = torch.cat([b[0] for b in loader]).numpy()
     sub = metrics.course_f1(y.numpy()[:, present], (logits > 0.5)[:, present])
-    assert ours["f1"] == pytest.approx(sub["f1"])
+    assert float(ours["f1"]) == pytest.approx(sub["f1"])
+
+
+def test_validation_loop_keeps_the_probabilities_in_loader_order():
+    loader = _loader(n=100, seed=2)
+    args = (loader, Identity(), nn.BCEWithLogitsLoss(), NUM_CLASSES, "cpu")
+    res = h.validation_loop(*args, multi_label=True, one_hot=True, keep_probs=True)
+    logits = torch.cat([b[0] for b in loader])
+    np.testing.assert_allclose(res["probs"], torch.sigmoid(logits).numpy(), rtol=1e-6)
+    assert "probs" not in h.validation_loop(*args, multi_label=True, one_hot=True)
 
 
 def test_zero_precision_and_no_positives_at_all():
-    y = np.zeros((4, h.NUM_CLASSES), bool)
+    y = np.zeros((4, NUM_CLASSES), bool)
     y[:, 3] = True
     out = metrics.course_f1(y, np.zeros_like(y))
     assert out == {"f1": 0.0, "precision": 0.0, "recall": 0.0}
@@ -87,7 +100,7 @@ def test_zero_precision_and_no_positives_at_all():
 def test_course_f1_hand_computed():
     # class 0: 2 positives, predicted on 3 images with 2 hits -> P=2/3, R=1
     # class 1: 1 positive, predicted once, wrong -> P=0, R=0; weights 1/2 and 1 -> 1/3, 2/3
-    y = np.zeros((4, h.NUM_CLASSES), bool)
+    y = np.zeros((4, NUM_CLASSES), bool)
     p = np.zeros_like(y)
     y[[0, 1], 0] = True
     p[[0, 1, 2], 0] = True
@@ -101,7 +114,7 @@ def test_course_f1_hand_computed():
 
 
 def test_at_least_one_gives_every_image_its_top_class():
-    probs = np.full((3, h.NUM_CLASSES), 0.01)
+    probs = np.full((3, NUM_CLASSES), 0.01)
     probs[0, 7] = 0.3
     probs[1, 2] = 0.9
     pred = metrics.apply_thresholds(probs, 0.5, at_least_one=True)
@@ -113,23 +126,45 @@ def test_at_least_one_gives_every_image_its_top_class():
 def test_per_class_thresholds_beat_global_and_respect_guard():
     rng = np.random.default_rng(0)
     n = 2000
-    y = rng.random((n, h.NUM_CLASSES)) < np.linspace(0.3, 0.001, h.NUM_CLASSES)
+    y = rng.random((n, NUM_CLASSES)) < np.linspace(0.3, 0.001, NUM_CLASSES)
     # each class is well separated but at its own scale: one global threshold cannot fit all
-    scale = np.linspace(0.9, 0.05, h.NUM_CLASSES)
-    probs = np.clip(rng.random((n, h.NUM_CLASSES)) * scale * 0.5 + y * scale * 0.5, 0, 1)
+    scale = np.linspace(0.9, 0.05, NUM_CLASSES)
+    probs = np.clip(rng.random((n, NUM_CLASSES)) * scale * 0.5 + y * scale * 0.5, 0, 1)
     thr = metrics.per_class_thresholds(y, probs, min_positives=5)
-    assert thr.shape == (h.NUM_CLASSES,) and ((thr >= 0.02) & (thr <= 0.98)).all()
+    assert thr.shape == (NUM_CLASSES,) and ((thr >= 0.02) & (thr <= 0.98)).all()
     g, g_f1 = metrics.best_global_threshold(y, probs)
     few = y.sum(0) < 5
     assert few.any() and np.allclose(thr[few], g)
     assert metrics.course_f1(y, probs > thr)["f1"] > g_f1 + 0.05
     table = metrics.per_class_table(y, probs, thr)
-    assert len(table) == h.NUM_CLASSES and list(table["threshold"]) == list(thr)
+    assert len(table) == NUM_CLASSES and list(table["threshold"]) == list(thr)
+
+
+def test_per_class_table_equals_the_hand_written_counts_it_replaced():
+    """scikit-learn's per-class precision, recall and F1 against the formulas the table used to
+    compute itself (0 where undefined), with classes without positives or without predictions."""
+    rng = np.random.default_rng(3)
+    y = rng.random((150, NUM_CLASSES)) < np.linspace(0.3, 0.0, NUM_CLASSES)
+    probs = np.clip(y * 0.3 + rng.random(y.shape) * 0.7, 0, 1)
+    probs[:, 5] = 0.0  # a class nobody predicts
+    pred = probs > 0.6
+    tp, fp, pos = (y & pred).sum(0), (~y & pred).sum(0), y.sum(0)
+    precision = np.where(tp + fp > 0, tp / np.maximum(tp + fp, 1), 0.0)
+    recall = np.where(pos > 0, tp / np.maximum(pos, 1), 0.0)
+    f1 = np.where(
+        precision + recall > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-12), 0
+    )
+    table = metrics.per_class_table(y, probs, 0.6)
+    assert (pos == 0).any() and ((tp + fp) == 0).any()
+    np.testing.assert_allclose(table["precision"], precision, atol=1e-12)
+    np.testing.assert_allclose(table["recall"], recall, atol=1e-12)
+    np.testing.assert_allclose(table["f1"], f1, atol=1e-12)
+    assert list(table["support"]) == list(pos) and list(table["predicted"]) == list(pred.sum(0))
 
 
 def test_evaluate_predictions_keys_and_map():
     rng = np.random.default_rng(1)
-    y = rng.random((200, h.NUM_CLASSES)) < 0.1
+    y = rng.random((200, NUM_CLASSES)) < 0.1
     perfect = metrics.evaluate_predictions(y, y.astype(float))
     assert perfect["course_f1"] == pytest.approx(1.0)
     assert perfect["mAP"] == pytest.approx(1.0)
@@ -138,10 +173,19 @@ def test_evaluate_predictions_keys_and_map():
     assert noise["mAP"] < 0.3
 
 
-def test_asymmetric_loss_reduces_to_bce_sum_without_focusing():
+def test_timm_asymmetric_loss_is_the_mean_over_images_and_reduces_to_bce():
+    """The notebook's ASL is timm's, averaged over images (``reduction="batchmean"``): without
+    focusing and clipping it is the per-image sum of BCE, so its printed value does not depend
+    on the batch size; with the paper's focusing it is smaller than BCE."""
+    from timm.loss import AsymmetricLossMultiLabel
+
     torch.manual_seed(0)
-    logits, y = torch.randn(8, h.NUM_CLASSES), (torch.rand(8, h.NUM_CLASSES) < 0.1).float()
-    asl = losses.AsymmetricLoss(gamma_neg=0, gamma_pos=0, clip=0)
+    logits, y = torch.randn(8, NUM_CLASSES), (torch.rand(8, NUM_CLASSES) < 0.1).float()
+    plain = AsymmetricLossMultiLabel(gamma_neg=0, gamma_pos=0, clip=0, reduction="batchmean")
     bce = nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="sum") / 8
-    assert float(asl(logits, y)) == pytest.approx(float(bce), rel=1e-4)
-    assert float(losses.AsymmetricLoss()(logits, y)) < float(bce)
+    assert float(plain(logits, y)) == pytest.approx(float(bce), rel=1e-4)
+    asl = AsymmetricLossMultiLabel(gamma_pos=0, clip=0.05, reduction="batchmean")
+    assert float(asl(logits[:4], y[:4])) + float(asl(logits[4:], y[4:])) == pytest.approx(
+        2 * float(asl(logits, y)), rel=1e-5
+    )
+    assert float(asl(logits, y)) < float(bce)

@@ -1,4 +1,5 @@
 """Faulty inputs, interrupted runs and safe outputs: each case built in a temporary folder."""
+
 import json
 import os
 import shutil
@@ -9,13 +10,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
 
 import helpers as h
 from cocochallenge import data as cdata
-from cocochallenge import demo, files, runs, submission, transforms
+from cocochallenge import demo, files, metrics, runs, submission, transforms
 from conftest import load_run_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,20 +64,23 @@ def _truncate(p):
     p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2])
 
 
-@pytest.mark.parametrize("damage,reason", [
-    (_truncate, "truncated or corrupt JPEG"),
-    (lambda p: p.write_bytes(b""), "empty file"),
-    (lambda p: p.write_bytes(b"this is not an image at all" * 20), "not an image"),
-])
+@pytest.mark.parametrize(
+    "damage,reason",
+    [
+        (_truncate, "truncated or corrupt JPEG"),
+        (lambda p: p.write_bytes(b""), "empty file"),
+        (lambda p: p.write_bytes(b"this is not an image at all" * 20), "not an image"),
+    ],
+)
 def test_unreadable_training_image_is_skipped_with_report(data, tmp_path, damage, reason):
     bad = _first(data)
     damage(bad)
     lines = []
     run = load_run_data(data, tmp_path / "split.json", 0.2, log=lines.append)
-    assert bad.stem in run.scan["skip"] and bad.stem not in run.train.stems
+    assert bad.stem in run.scan["skip"] and bad.stem not in run.stems
     assert any(str(bad) in line and reason in line for line in lines)
-    assert len(run.train) == len(run.train.labels) == len(run.train_idx) + len(run.val_idx)
-    for i in range(len(run.train)):                    # every remaining image loads
+    assert len(run.train) == len(run.Y) == len(run.train_idx) + len(run.val_idx)
+    for i in range(len(run.train)):  # every remaining image loads
         run.train[i]
 
 
@@ -91,8 +96,9 @@ def test_png_named_jpg_is_used_with_a_note(data, tmp_path):
     Image.open(p).convert("RGB").save(p, format="PNG")
     lines = []
     run = load_run_data(data, tmp_path / "split.json", 0.2, log=lines.append)
-    assert p.stem in run.train.stems and any("not a JPEG despite its name (PNG" in l for l in lines)
-    assert run.train[run.train.stems.index(p.stem)][0].mode == "RGB"
+    assert p.stem in run.stems
+    assert any("not a JPEG despite its name (PNG" in line for line in lines)
+    assert run.train[run.stems.index(p.stem)][0].mode == "RGB"
 
 
 @pytest.mark.parametrize("mode", ["L", "CMYK", "P", "RGBA", "I;16"])
@@ -110,7 +116,7 @@ def test_unusual_colour_modes_simply_work(data, mode):
     assert cdata.scan_data(data)["skip"] == set()
     ds = h.COCOTrainImageDataset(data / "images/train-resized", data / "labels/train")
     t = transforms.build_transform({"size": 64, "mean": (0.5,) * 3, "std": (0.5,) * 3})
-    x = t(ds[ds.stems.index(p.stem)][0])
+    x = t(ds[cdata.stems(ds).index(p.stem)][0])
     assert x.shape == (3, 64, 64)
 
 
@@ -127,9 +133,9 @@ def test_duplicate_blank_and_crlf_labels_work(data, tmp_path):
     f.write_bytes(b"3\r\n\r\n3\r\n17\r\n")
     lines = []
     run = load_run_data(data, tmp_path / "split.json", 0.2, log=lines.append)
-    row = run.train.labels[run.train.stems.index(f.stem)]
+    row = run.Y[run.stems.index(f.stem)]
     assert np.flatnonzero(row).tolist() == [3, 17]
-    assert any(f.name in l and "repeated" in l for l in lines)
+    assert any(f.name in line and "repeated" in line for line in lines)
 
 
 def test_bad_label_stops_before_training(data, tmp_path):
@@ -146,9 +152,9 @@ def test_image_without_label_and_label_without_image(data, tmp_path):
     (data / "images/train-resized" / f"{orphan.stem}.jpg").unlink()
     lines = []
     run = load_run_data(data, tmp_path / "split.json", 0.2, log=lines.append)
-    assert img.stem not in run.train.stems and orphan.stem not in run.train.stems
-    assert any("no label file" in l and img.stem in l for l in lines)
-    assert any(orphan.name in l and "is missing" in l for l in lines)
+    assert img.stem not in run.stems and orphan.stem not in run.stems
+    assert any("no label file" in line and img.stem in line for line in lines)
+    assert any(orphan.name in line and "is missing" in line for line in lines)
 
 
 # ---- test folder ----------------------------------------------------------------------
@@ -195,6 +201,7 @@ def test_disk_full_while_writing_keeps_old_submission(tmp_path, monkeypatch):
 
     def full(self, *a, **k):
         raise OSError(28, "No space left on device")
+
     monkeypatch.setattr(Path, "write_text", full)
     with pytest.raises(OSError, match="No space"):
         submission.write_submission({"000000000001": [2]}, path, d)
@@ -209,6 +216,7 @@ def test_checkpoint_write_failure_keeps_previous(tmp_path, monkeypatch):
     def boom(obj, f, *a, **k):
         Path(f).write_bytes(b"partial")
         raise RuntimeError("killed")
+
     monkeypatch.setattr(torch, "save", boom)
     with pytest.raises(RuntimeError):
         files.torch_save_atomic({"epoch": 2}, path)
@@ -220,24 +228,26 @@ def test_run_folder_records_config_versions_and_split(tmp_path, demo_root):
     cfg = {"run_dir": str(tmp_path / "run"), "seed": 3}
     run_dir = runs.prepare_run_dir(cfg)
     env = json.loads((run_dir / "environment.json").read_text())
-    assert env["packages"]["torch"] == torch.__version__ or torch.__version__.startswith(env["packages"]["torch"] + "+")
+    assert env["packages"]["torch"] == torch.__version__ or torch.__version__.startswith(
+        env["packages"]["torch"] + "+"
+    )
     import cocochallenge
+
     assert env["library_version"] == cocochallenge.__version__ and env["git_commit"]
     assert json.loads((run_dir / "config.json").read_text()) == cfg
     run = load_run_data(demo_root, run_dir / "split.json", 0.2)
     split = json.loads((run_dir / "split.json").read_text())
-    assert sorted(split["train"] + split["val"]) == sorted(run.train.stems)
+    assert sorted(split["train"] + split["val"]) == sorted(run.stems)
 
 
 # ---- kill and resume ------------------------------------------------------------------
-#: Runs the challenge notebook's own code cells, up to its loop over backbones, in a process
-#: that can be killed (the TensorBoard cell and IPython magics are left out).
-DRIVER = r'''
+#: Runs the challenge notebook's own code cells in a process that can be killed (the
+#: TensorBoard cell and IPython magics are left out), up to the cell holding argv[2] if given.
+DRIVER = r"""
 import json, os, sys
 import matplotlib
 matplotlib.use("Agg")
 os.chdir(sys.argv[1])
-sys.path.insert(0, sys.argv[1])
 import torch
 torch.set_num_threads(1)
 cells = [c for c in json.load(open("challenge.ipynb"))["cells"] if c["cell_type"] == "code"]
@@ -247,63 +257,100 @@ for cell in cells:
     if "NBVAL_SKIP" in src or src.lstrip().startswith("%"):
         continue
     exec(compile(src, "challenge.ipynb", "exec"), namespace)
-    if "results[name] = save_backbone(" in src:
+    if len(sys.argv) > 2 and sys.argv[2] in src:
         break
 print("FINISHED")
-'''
+"""
+LOOP = "results[name] = save_backbone("  # the loop over backbones: the driver stops after it
 
-NOTEBOOK_ENV = {"COCO_BACKBONES": "efficientnet_lite0", "COCO_IMG_SIZE": "64", "COCO_BATCH_SIZE": "16",
-                "COCO_WORKERS": "0", "COCO_EPOCHS_FROZEN": "3", "COCO_EPOCHS_FINETUNE": "4",
-                "COCO_LR_FINETUNE": "1e-3", "COCO_VAL_FRACTION": "0.25", "COCO_PROGRESS": "0", "COCO_SMOKE": "0"}
+OPTIONS = {"img_size": 64, "workers": 0, "progress": False}
+NOTEBOOK_ENV = {
+    "COCO_BACKBONES": "efficientnet_lite0",
+    "COCO_BATCH_SIZE": "16",
+    "COCO_EPOCHS_FROZEN": "3",
+    "COCO_EPOCHS_FINETUNE": "4",
+    "COCO_LR_FINETUNE": "1e-3",
+    "COCO_VAL_FRACTION": "0.25",
+    "COCO_OPTIONS": json.dumps(OPTIONS),
+}
 
 
-def _driver(tmp_path, demo_root, run_dir):
+def _driver(tmp_path, demo_root, run_dir, until=LOOP, **env):
     script = tmp_path / "driver.py"
     script.write_text(DRIVER)
-    env = {**os.environ, **NOTEBOOK_ENV, "COCO_DATA_ROOT": str(demo_root), "COCO_RUN_DIR": str(run_dir)}
-    return dict(args=[sys.executable, str(script), str(ROOT)], env=env)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("COCO_")}
+    env = {
+        **clean,
+        **NOTEBOOK_ENV,
+        "COCO_DATA_ROOT": str(demo_root),
+        "COCO_RUN_DIR": str(run_dir),
+        **env,
+    }
+    return dict(args=[sys.executable, str(script), str(ROOT), *([until] if until else [])], env=env)
+
+
+def _options(**change):
+    return json.dumps({**OPTIONS, **change})
 
 
 def _check_tensorboard(folder, frozen, finetune):
     """Read the event files back with TensorBoard's own reader: every promised scalar is there."""
     from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
     mux = EventMultiplexer()
     mux.AddRunsFromDirectory(str(folder))
     mux.Reload()
     tags = {run: set(t["scalars"]) for run, t in mux.Runs().items()}
     plain = tags["."]
     for phase, n in (("frozen", frozen), ("finetune", finetune)):
-        for tag in ("train_loss", "val_loss", "train_course_f1", "val_course_f1", "val_precision",
-                    "val_recall", "val_mAP"):
+        for tag in (
+            "train_loss",
+            "val_loss",
+            "val_course_f1",
+            "val_precision",
+            "val_recall",
+            "val_mAP",
+        ):
             events = mux.Scalars(".", f"{phase}/{tag}")
             assert len(events) == n, (phase, tag)
     assert all(str(v).startswith(("frozen/", "finetune/")) for v in plain)
-    course = {run for run in tags if run != "."}       # the course's add_scalars: one sub-run per line
-    for name in ("Losses_Train Loss vs Test Loss_Train Loss", "Metrics_Train F1 vs Test F1_Test F1",
-                 "Metrics_Train Precision vs Test Precision_Test Precision",
-                 "Metrics_Train Recall vs Test Recall_Test Recall"):
+    course = {run for run in tags if run != "."}  # the course's add_scalars: a sub-run per line
+    for name in (
+        "Losses_Train Loss vs Test Loss_Train Loss",
+        "Metrics_Train F1 vs Test F1_Test F1",
+        "Metrics_Train Precision vs Test Precision_Test Precision",
+        "Metrics_Train Recall vs Test Recall_Test Recall",
+    ):
         assert name in course, (name, course)
 
 
 def test_killed_run_resumes_to_the_same_result(tmp_path, demo_root):
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "killed"
-    out = subprocess.run(**_driver(tmp_path, demo_root, ref_dir), capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        **_driver(tmp_path, demo_root, ref_dir), capture_output=True, text=True, timeout=600
+    )
     assert "FINISHED" in out.stdout, out.stderr[-2000:]
     _check_tensorboard(ref_dir / "tensorboard" / "efficientnet_lite0", frozen=3, finetune=4)
 
-    proc = subprocess.Popen(**_driver(tmp_path, demo_root, run_dir), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        **_driver(tmp_path, demo_root, run_dir),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     ckpt = run_dir / "models/efficientnet_lite0/finetune_last.pt"
     deadline = time.time() + 300
     while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     assert proc.poll() is None, "the run ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)                     # mid fine-tuning, after >= 1 epoch
+    proc.send_signal(signal.SIGKILL)  # mid fine-tuning, after >= 1 epoch
     proc.wait()
     assert not (run_dir / "models/efficientnet_lite0/result.json").exists()
-    assert torch.load(ckpt, weights_only=False)["epoch"] < 3   # not finished when killed
+    assert torch.load(ckpt, weights_only=False)["epoch"] < 3  # not finished when killed
 
-    out = subprocess.run(**_driver(tmp_path, demo_root, run_dir), capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        **_driver(tmp_path, demo_root, run_dir), capture_output=True, text=True, timeout=600
+    )
     assert "FINISHED" in out.stdout, out.stderr[-2000:]
     assert "resuming after epoch" in out.stdout
     a = np.load(ref_dir / "models/efficientnet_lite0/val_scores.npz")
@@ -313,7 +360,9 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, demo_root):
     hb = json.loads((run_dir / "models/efficientnet_lite0/history.json").read_text())
     assert [r["val_loss"] for r in ha] == pytest.approx([r["val_loss"] for r in hb], abs=1e-5)
     # a finished backbone is not trained again
-    out = subprocess.run(**_driver(tmp_path, demo_root, run_dir), capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        **_driver(tmp_path, demo_root, run_dir), capture_output=True, text=True, timeout=600
+    )
     assert "trained with these settings, reused" in out.stdout
 
 
@@ -321,11 +370,11 @@ def test_notebook_stops_before_training_on_changed_settings(tmp_path, demo_root)
     """The notebook's own cells: a changed training setting stops the run with the list of
     differences and leaves config.json as it was; a changed after-training setting reuses."""
     run_dir = tmp_path / "run"
-    quick = {"COCO_EPOCHS_FROZEN": "1", "COCO_EPOCHS_FINETUNE": "0"}
 
     def run(**env):
-        d = _driver(tmp_path, demo_root, run_dir)
-        d["env"].update(quick, **env)
+        d = _driver(
+            tmp_path, demo_root, run_dir, COCO_EPOCHS_FROZEN="1", COCO_EPOCHS_FINETUNE="0", **env
+        )
         return subprocess.run(**d, capture_output=True, text=True, timeout=600)
 
     out = run()
@@ -333,48 +382,74 @@ def test_notebook_stops_before_training_on_changed_settings(tmp_path, demo_root)
     config_before = (run_dir / "config.json").read_text()
     out = run(COCO_LR_HEAD="0.01")
     assert "FINISHED" not in out.stdout and "StaleRunError" in out.stderr
-    assert "lr_head: 0.001 -> 0.01" in out.stderr and "RETRAIN" in out.stderr
+    assert "lr_head: 0.001 -> 0.01" in out.stderr and '"retrain"' in out.stderr
     assert (run_dir / "config.json").read_text() == config_before
-    out = run(COCO_TTA="0", COCO_MIN_POSITIVES="3")
+    out = run(COCO_OPTIONS=_options(tta=False, shrink=3))
     assert "trained with these settings, reused" in out.stdout, out.stderr[-2000:]
     assert json.loads((run_dir / "config.json").read_text())["tta"] is False
-    out = run(COCO_LR_HEAD="0.01", COCO_RETRAIN="efficientnet_lite0")
+    out = run(COCO_LR_HEAD="0.01", COCO_OPTIONS=_options(retrain=["efficientnet_lite0"]))
     assert "FINISHED" in out.stdout and "moved aside" in out.stdout, out.stderr[-2000:]
 
 
-def test_notebook_logistic_head_fits_once_and_saves_out_of_fold_scores(tmp_path, demo_root):
-    """The offline CPU recipe's path through the notebook's own cells: one fit, OOF scores saved."""
+def test_cpu_recipe_fits_once_and_thresholds_from_out_of_fold_scores(tmp_path, demo_root):
+    """The offline CPU recipe on demo data: one fit per backbone, out-of-fold scores of every
+    training image saved and used for the thresholds, a valid submission, and reuse."""
+    import cpu_recipe
+
     run_dir = tmp_path / "run"
-    d = _driver(tmp_path, demo_root, run_dir)
-    d["env"].update(COCO_HEAD="logistic", COCO_EPOCHS_FROZEN="1", COCO_EPOCHS_FINETUNE="0", COCO_TTA="0")
-    out = subprocess.run(**d, capture_output=True, text=True, timeout=600)
-    assert "FINISHED" in out.stdout and "frozen  1/1" in out.stdout, out.stderr[-2000:]
+    summary = cpu_recipe.run(demo_root, run_dir, backbones=["efficientnet_lite0"], val_fraction=0.2)
     folder = run_dir / "models/efficientnet_lite0"
     oof = np.load(folder / "train_oof.npz")
     split = json.loads((run_dir / "split.json").read_text())
-    assert oof["probs"].shape == (len(split["train"]), 80) and oof["targets"].shape == oof["probs"].shape
-    assert json.loads((folder / "result.json").read_text())["best_phase"] == "frozen"
-    table, _ = runs.compare_models(run_dir, ["efficientnet_lite0"], tta=False)
-    assert "f1_oof_halves" in table
+    assert oof["probs"].shape == (len(split["train"]), 80) == oof["targets"].shape
+    saved = json.loads((run_dir / "thresholds.json").read_text())["efficientnet_lite0"]
+    assert saved["source"] == "out-of-fold training scores"
+    table = pd.read_csv(run_dir / "results.csv", index_col=0)
+    assert "f1_oof_halves" in table and summary["chosen"] == "efficientnet_lite0"
+    sub = json.loads((run_dir / "submission.json").read_text())
+    submission.validate_submission(sub, demo_root / "images/test-resized")
+    lines = []
+    cpu_recipe.run(
+        demo_root, run_dir, backbones=["efficientnet_lite0"], val_fraction=0.2, log=lines.append
+    )
+    assert any("reused" in line for line in lines)
 
 
-def test_notebook_refit_scores_the_test_images_with_a_model_of_train_and_validation(tmp_path, demo_root):
-    """REFIT: validation scores stay the split model's (out of sample), the test scores change."""
-    quick = {"COCO_EPOCHS_FROZEN": "2", "COCO_EPOCHS_FINETUNE": "1"}
-    folders = {}
-    for refit in ("0", "1"):
-        d = _driver(tmp_path, demo_root, tmp_path / f"refit{refit}")
-        d["env"].update(quick, COCO_REFIT=refit)
-        out = subprocess.run(**d, capture_output=True, text=True, timeout=600)
-        assert "FINISHED" in out.stdout, out.stderr[-2000:]
-        folders[refit] = tmp_path / f"refit{refit}" / "models/efficientnet_lite0"
-    result = json.loads((folders["1"] / "result.json").read_text())
-    assert result["refit"] is True and json.loads((folders["0"] / "result.json").read_text())["refit"] is False
-    frozen = torch.load(folders["1"] / "frozen_last.pt", weights_only=False)
-    refit_frozen = torch.load(folders["1"] / "refit/frozen_last.pt", weights_only=False)
-    assert len(refit_frozen["history"]) == frozen["best_epoch"]          # stopped at the chosen epoch
-    assert (folders["1"] / "refit/finetune_last.pt").exists() == result["best_phase"].startswith("finetune")
-    val = [np.load(f / "val_scores.npz")["probs_tta"] for f in folders.values()]
-    test = [np.load(f / "test_scores.npz")["probs_tta"] for f in folders.values()]
-    np.testing.assert_allclose(val[0], val[1], atol=1e-6)
-    assert np.abs(test[0] - test[1]).max() > 1e-3
+def test_notebook_refit_scores_the_test_images_with_a_model_of_train_and_validation(
+    tmp_path, demo_root
+):
+    """The optional refit: each kept model trained again on train + validation for the epochs
+    the split chose; its test scores make the submission, the thresholds stay the split's."""
+    run_dir = tmp_path / "run"
+    d = _driver(
+        tmp_path,
+        demo_root,
+        run_dir,
+        until=None,
+        COCO_EPOCHS_FROZEN="2",
+        COCO_EPOCHS_FINETUNE="1",
+        COCO_OPTIONS=_options(refit=True),
+    )
+    out = subprocess.run(**d, capture_output=True, text=True, timeout=600)
+    assert "FINISHED" in out.stdout and "submission from the refit" in out.stdout, out.stderr[
+        -3000:
+    ]
+    folder = run_dir / "models/efficientnet_lite0"
+    result = json.loads((folder / "result.json").read_text())
+    frozen = torch.load(folder / "frozen_last.pt", weights_only=False)
+    refit_frozen = torch.load(folder / "refit/frozen_last.pt", weights_only=False)
+    assert len(refit_frozen["history"]) == frozen["best_epoch"]  # stopped at the chosen epoch
+    assert (folder / "refit/finetune_last.pt").exists() == result["best_phase"].startswith(
+        "finetune"
+    )
+    split_test = np.load(folder / "test_scores.npz")["probs_tta"]
+    refit_test = np.load(folder / "refit/test_scores.npz")["probs_tta"]
+    assert split_test.shape == refit_test.shape and np.abs(split_test - refit_test).max() > 1e-3
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["refit"] == ["efficientnet_lite0"]
+    thresholds = json.loads((run_dir / "thresholds.json").read_text())["efficientnet_lite0"]
+    pred = metrics.apply_thresholds(refit_test, thresholds["per_class"], True)
+    sub = json.loads((run_dir / "submission.json").read_text())
+    assert sub == submission.predictions_to_submission(
+        np.load(folder / "test_scores.npz")["stems"], pred
+    )

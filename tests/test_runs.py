@@ -1,4 +1,5 @@
-"""A run folder never mixes settings: each stale artifact is found before any training (issue 10)."""
+"""A run folder never mixes settings: each stale artifact is found before any training."""
+
 import json
 import os
 import stat
@@ -7,13 +8,30 @@ import numpy as np
 import pytest
 import torch
 
-from cocochallenge import config, demo, files, metrics, runs, split, training
+import cpu_recipe
+import run
+from cocochallenge import demo, files, metrics, runs, split, training
 
-CFG = {"img_size": 64, "pad": True, "head": "mlp", "logistic_c": 0.1, "dropout": 0.2, "loss": "bce", "lr_head": 1e-3,
-       "lr_finetune": 3e-4, "backbone_lr_factor": 0.1, "weight_decay": 1e-4, "epochs_frozen": 2,
-       "epochs_finetune": 1, "batch_size": 16, "augment": "trivial", "freeze_bn": True, "ema_epochs": 1.0,
-       "refit": False, "seed": 0,
-       "tta": True, "at_least_one": True}
+CFG = {
+    "img_size": 64,
+    "pad": True,
+    "dropout": 0.2,
+    "loss": "bce",
+    "lr_head": 1e-3,
+    "lr_finetune": 3e-4,
+    "backbone_lr_factor": 0.1,
+    "weight_decay": 1e-4,
+    "epochs_frozen": 2,
+    "epochs_finetune": 1,
+    "batch_size": 16,
+    "augment": "trivial",
+    "freeze_bn": True,
+    "ema_epochs": 1.0,
+    "seed": 0,
+    "tta": True,
+    "at_least_one": True,
+    "refit": False,
+}
 PRE = {"size": 64, "mean": (0.5,) * 3, "std": (0.5,) * 3}
 
 
@@ -37,12 +55,22 @@ def test_finished_backbone_with_other_settings_stops_the_run(tmp_path):
     with pytest.raises(files.StaleRunError) as err:
         runs.check_model(tmp_path, _settings(epochs_finetune=2))
     msg = str(err.value)
-    assert "epochs_finetune: 1 -> 2" in msg and "RUN_DIR" in msg and 'RETRAIN = ["efficientnet_lite0"]' in msg
-    assert (tmp_path / "models/efficientnet_lite0/result.json").exists()        # nothing touched
+    assert "epochs_finetune: 1 -> 2" in msg and "RUN_DIR" in msg
+    assert 'OPTIONS = {"retrain": ["efficientnet_lite0"]}' in msg
+    assert (tmp_path / "models/efficientnet_lite0/result.json").exists()  # nothing touched
 
 
-@pytest.mark.parametrize("change", [{"lr_finetune": 1e-4}, {"img_size": 96}, {"loss": "asl"}, {"pad": False},
-                                    {"augment": "none"}, {"head": "linear"}, {"ema_epochs": 0.0}, {"refit": True}])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"lr_finetune": 1e-4},
+        {"img_size": 96},
+        {"loss": "asl"},
+        {"pad": False},
+        {"augment": "none"},
+        {"ema_epochs": 0.0},
+    ],
+)
 def test_half_trained_backbone_is_not_resumed_with_other_settings(tmp_path, change):
     _trained(tmp_path, finished=False)
     with pytest.raises(files.StaleRunError, match=next(iter(change))):
@@ -67,16 +95,28 @@ def test_same_settings_reuse_and_resume(tmp_path):
 def test_retrain_switch_moves_old_files_aside_not_away(tmp_path):
     folder = _trained(tmp_path)
     lines = []
-    assert runs.check_model(tmp_path, _settings(lr_head=1e-2), retrain=True, log=lines.append) == "new"
+    assert (
+        runs.check_model(tmp_path, _settings(lr_head=1e-2), retrain=True, log=lines.append) == "new"
+    )
     assert not folder.exists()
     kept = list((tmp_path / "replaced").glob("*/models/efficientnet_lite0/result.json"))
     assert len(kept) == 1 and any("moved aside" in line for line in lines)
 
 
 def test_after_training_settings_are_not_training_settings():
-    for key in ("tta", "at_least_one", "min_positives", "backbones", "progress", "workers", "device"):
+    for key in (
+        "tta",
+        "at_least_one",
+        "shrink",
+        "backbones",
+        "progress",
+        "workers",
+        "device",
+        "refit",
+    ):
         assert key not in runs.TRAINING_SETTINGS
-    assert runs.model_settings("x", {**CFG, "tta": False}, PRE, "d", "s") == runs.model_settings("x", CFG, PRE, "d", "s")
+    same = runs.model_settings("x", CFG, PRE, "d", "s")
+    assert runs.model_settings("x", {**CFG, "tta": False, "refit": True}, PRE, "d", "s") == same
 
 
 class _Backbone(torch.nn.Module):
@@ -93,9 +133,13 @@ def test_feature_cache_is_keyed_not_counted(tmp_path):
     f2 = training.cached_features(path, _Backbone(), loader, "cpu", key=key, show_progress=False)
     assert torch.equal(f1, f2)
     for change in ({"images": "split2"}, {"size": 96}, {"pad": False}, {"mean": [0.4] * 3}):
-        with pytest.raises(files.StaleRunError, match=next(iter(change))):   # same row count, other key
-            training.cached_features(path, _Backbone(), loader, "cpu", key={**key, **change}, show_progress=False)
-    torch.save(torch.load(path, weights_only=False), path)                      # untouched by the refusals
+        with pytest.raises(
+            files.StaleRunError, match=next(iter(change))
+        ):  # same row count, other key
+            training.cached_features(
+                path, _Backbone(), loader, "cpu", key={**key, **change}, show_progress=False
+            )
+    torch.save(torch.load(path, weights_only=False), path)  # untouched by the refusals
     assert torch.equal(torch.load(path, weights_only=False)["feats"], f1)
 
 
@@ -105,7 +149,9 @@ def test_ensemble_refuses_models_validated_on_other_images(tmp_path):
     for name, stems in (("a", ["1", "2", "3", "4"]), ("b", ["1", "2", "3", "5"])):
         folder = tmp_path / "models" / name
         p = np.full((4, 80), 0.3, np.float32)
-        files.save_npz(folder / "val_scores.npz", probs=p, probs_tta=p, targets=y, stems=np.array(stems))
+        files.save_npz(
+            folder / "val_scores.npz", probs=p, probs_tta=p, targets=y, stems=np.array(stems)
+        )
         files.save_npz(folder / "test_scores.npz", probs=p, probs_tta=p, stems=np.array(stems))
         files.save_json({"train_seconds": 1, "parameters": 1}, folder / "result.json")
     with pytest.raises(files.StaleRunError, match="different images"):
@@ -139,23 +185,28 @@ def test_demo_data_a_run_used_is_not_replaced_by_another_size(tmp_path):
     with pytest.raises(ValueError, match="another demo folder"):
         demo.make_demo_data(root, n_train=6, n_test=3, progress=False, replace=False)
     assert len(list((root / "labels/train").glob("*.cls"))) == 12
-    demo.make_demo_data(root, n_train=12, n_test=3, progress=False, replace=False)   # same set: reused
+    demo.make_demo_data(
+        root, n_train=12, n_test=3, progress=False, replace=False
+    )  # same set: reused
 
 
-def test_smoke_mode_has_its_own_folders(monkeypatch):
-    for k in ("COCO_RUN_DIR", "COCO_DEMO_DIR"):
-        monkeypatch.delenv(k, raising=False)
-    monkeypatch.setenv("COCO_SMOKE", "1")
-    cfg = config.notebook_config({"RUN_DIR": "runs/main", "DEMO_DIR": "data/demo/ms-coco", "SMOKE": False,
-                                  "EPOCHS_FROZEN": 6})
-    assert cfg["run_dir"] == "runs/smoke" and cfg["demo_dir"] == "data/smoke/ms-coco" and cfg["epochs_frozen"] == 2
-    monkeypatch.setenv("COCO_RUN_DIR", "/tmp/mine")
-    assert config.notebook_config({"RUN_DIR": "runs/main", "DEMO_DIR": "d", "SMOKE": False})["run_dir"] == "/tmp/mine"
+def test_smoke_mode_has_its_own_folders():
+    """run.py --smoke never writes into a real run's folder nor regenerates its demo data."""
+    args = run.main.__globals__["argparse"].Namespace
+    smoke = run.parameters_of(
+        args(smoke=True, data_root=None, backbones=None, parameter=[], run_dir=None)
+    )
+    assert smoke["RUN_DIR"].endswith("runs/smoke") and smoke["DATA_ROOT"] == "demo"
+    assert smoke["OPTIONS"]["demo_dir"] == "data/smoke/ms-coco" and smoke["EPOCHS_FROZEN"] == 2
+    demo_run = run.parameters_of(
+        args(smoke=False, data_root=None, backbones=None, parameter=[], run_dir=None)
+    )
+    assert demo_run["RUN_DIR"].endswith("runs/demo") and "demo_dir" not in demo_run["OPTIONS"]
 
 
 def test_threshold_between_adjacent_float32_scores_keeps_the_positive():
     hi = np.float32(0.3)
-    lo = np.nextafter(hi, np.float32(0))                 # the float32 just below
+    lo = np.nextafter(hi, np.float32(0))  # the float32 just below
     probs = np.zeros((8, 80), np.float32)
     y = np.zeros((8, 80), np.uint8)
     probs[:, 0] = [hi, lo, lo, lo, 0.1, 0.1, 0.1, 0.1]
@@ -169,38 +220,40 @@ def test_threshold_between_adjacent_float32_scores_keeps_the_positive():
 def test_repair_split_guarantees_both_sides_or_reports():
     rng = np.random.default_rng(1)
     Y = (rng.random((60, 30)) < 0.06).astype(bool)
-    Y[:2, 29], Y[2:, 29] = True, False                    # a class of exactly two images
+    Y[:2, 29], Y[2:, 29] = True, False  # a class of exactly two images
     side = np.zeros(60, np.int8)
-    side[:5] = 1                                          # a split that misses many classes
+    side[:5] = 1  # a split that misses many classes
     left = split.repair_split(Y, side)
     both = (Y[side == 0].sum(0) > 0) & (Y[side == 1].sum(0) > 0)
     assert left == sorted(np.flatnonzero(~both & (Y.sum(0) >= 2)).tolist())
     assert both[Y.sum(0) >= 2].all() and left == []
     stuck = np.zeros(60, np.int8)
-    assert split.repair_split(Y, stuck, max_passes=0) != []        # nothing moved: reported, not hidden
+    assert split.repair_split(Y, stuck, max_passes=0) != []  # nothing moved: reported, not hidden
 
 
 def test_logistic_head_folds_the_standardisation_and_oof_never_sees_its_rows():
     torch.manual_seed(0)
-    x = torch.randn(300, 64) * 5 + 3                     # unscaled features: z-scoring matters
+    x = torch.randn(300, 64) * 5 + 3  # unscaled features: z-scoring matters
     w = torch.randn(64, 80) * 0.3
     y = (torch.sigmoid((x - 3) / 5 @ w - 2) > torch.rand(300, 80)).numpy().astype(np.uint8)
-    layer = training.fit_logistic(x[:200], y[:200], C=0.1)
+    layer = cpu_recipe.fit_logistic(x[:200], y[:200], C=0.1)
     assert isinstance(layer, torch.nn.Linear) and layer.weight.shape == (80, 64)
     with torch.no_grad():
         p = torch.sigmoid(layer(x[200:])).numpy()
     assert metrics.mean_average_precision(y[200:], p) > 0.5
-    oof = training.out_of_fold_probs(x[:200], y[:200], C=0.1, folds=4, seed=0)
+    oof = cpu_recipe.out_of_fold_probs(x[:200], y[:200], C=0.1, folds=4, seed=0)
     with torch.no_grad():
         in_sample = torch.sigmoid(layer(x[:200])).numpy()
     # scores of rows the fit never saw are worse than in-sample ones: they are out of fold
-    assert metrics.mean_average_precision(y[:200], oof) < metrics.mean_average_precision(y[:200], in_sample)
+    assert metrics.mean_average_precision(y[:200], oof) < metrics.mean_average_precision(
+        y[:200], in_sample
+    )
     t = metrics.shrunk_thresholds(y[:200], oof, k=10)
     g = metrics.best_global_threshold(y[:200], oof)[0]
     raw = metrics.per_class_thresholds(y[:200], oof, min_positives=1, fallback=g)
     n = y[:200].sum(0)
     assert np.allclose(t, (n * raw + 10 * g) / (n + 10))
-    assert (np.abs(t - g) <= np.abs(raw - g) + 1e-12).all()           # never further from the global one
+    assert (np.abs(t - g) <= np.abs(raw - g) + 1e-12).all()  # never further from the global one
 
 
 def test_thresholds_come_from_out_of_fold_scores_when_every_model_has_them(tmp_path):
@@ -210,25 +263,40 @@ def test_thresholds_come_from_out_of_fold_scores_when_every_model_has_them(tmp_p
     for name in ("a", "b"):
         folder = tmp_path / "models" / name
         p = np.clip(y_val * 0.6 + rng.random((40, 80)) * 0.5, 0, 1).astype(np.float32)
-        files.save_npz(folder / "val_scores.npz", probs=p, probs_tta=p, targets=y_val, stems=np.arange(40).astype(str))
-        files.save_npz(folder / "test_scores.npz", probs=p[:5], probs_tta=p[:5], stems=np.arange(5).astype(str))
-        files.save_npz(folder / "train_oof.npz", probs=np.clip(y_tr * 0.5 + rng.random((100, 80)) * 0.5, 0, 1),
-                       targets=y_tr)
+        files.save_npz(
+            folder / "val_scores.npz",
+            probs=p,
+            probs_tta=p,
+            targets=y_val,
+            stems=np.arange(40).astype(str),
+        )
+        files.save_npz(
+            folder / "test_scores.npz", probs=p[:5], probs_tta=p[:5], stems=np.arange(5).astype(str)
+        )
+        files.save_npz(
+            folder / "train_oof.npz",
+            probs=np.clip(y_tr * 0.5 + rng.random((100, 80)) * 0.5, 0, 1),
+            targets=y_tr,
+        )
         files.save_json({"train_seconds": 1, "parameters": 1}, folder / "result.json")
     table, details = runs.compare_models(tmp_path, ["a", "b"], tta=False, shrink=10)
     assert "f1_oof_thresholds" in table and set(table.index) == {"a", "b", "ensemble"}
     ens_oof = (details["a"]["oof"] + details["b"]["oof"]) / 2
-    assert np.allclose(details["ensemble"]["thresholds"], metrics.shrunk_thresholds(y_tr, ens_oof, 10))
+    assert np.allclose(
+        details["ensemble"]["thresholds"], metrics.shrunk_thresholds(y_tr, ens_oof, 10)
+    )
     saved = json.loads((tmp_path / "thresholds.json").read_text())
     assert saved["a"]["source"] == "out-of-fold training scores"
-    (tmp_path / "models/b/train_oof.npz").unlink()       # one model without: validation thresholds for all
+    (
+        tmp_path / "models/b/train_oof.npz"
+    ).unlink()  # one model without: validation thresholds for all
     table, _ = runs.compare_models(tmp_path, ["a", "b"], tta=False)
     assert "f1_oof_thresholds" not in table
     assert json.loads((tmp_path / "thresholds.json").read_text())["a"]["source"] == "validation"
 
 
 def test_equal_f1_cuts_keep_the_highest_threshold():
-    """Among cuts with the same F1 the highest wins (fewest predictions), compared exactly on counts:
+    """Among cuts with the same F1 the highest wins (fewest predictions), compared on counts:
     here F1 = 6/9 after 0.494 and 8/12 after 0.161, which 2PR/(P+R) rounds apart."""
     scores = [0.717, 0.383, 0.161, 0.606, 0.05, 0.494, 0.828, 0.272, 0.939]
     labels = [1, 0, 1, 0, 0, 1, 1, 0, 0]

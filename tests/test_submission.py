@@ -1,4 +1,5 @@
 """Writing, validating and scoring the leaderboard JSON."""
+
 import json
 
 import numpy as np
@@ -23,7 +24,7 @@ GOOD = {"000000000139": [56, 60, 62], "000000000285": [21], "000000000632": []}
 def test_write_and_read_back(tmp_path, test_dir):
     path = submission.write_submission(GOOD, tmp_path / "sub.json", test_dir)
     assert json.loads(path.read_text()) == GOOD
-    assert not list(tmp_path.glob(".sub.json*"))           # no temporary file left behind
+    assert not list(tmp_path.glob(".sub.json*"))  # no temporary file left behind
 
 
 def test_predictions_to_submission():
@@ -34,17 +35,20 @@ def test_predictions_to_submission():
     assert all(type(k) is str for k in sub) and all(type(c) is int for c in sub["000000000139"])
 
 
-@pytest.mark.parametrize("mutate,message", [
-    (lambda s: s.pop("000000000285"), "have no prediction"),
-    (lambda s: s.update({"000000000999": [1]}), "not test images"),
-    (lambda s: s.update({"139": [1]}), "12-digit"),
-    (lambda s: s.update({"000000000139": [80]}), "not class indices"),
-    (lambda s: s.update({"000000000139": ["3"]}), "not class indices"),
-    (lambda s: s.update({"000000000139": [True]}), "not class indices"),
-    (lambda s: s.update({"000000000139": [5, 3]}), "sorted"),
-    (lambda s: s.update({"000000000139": [3, 3]}), "sorted"),
-    (lambda s: s.update({"000000000139": 3}), "must be a list"),
-])
+@pytest.mark.parametrize(
+    "mutate,message",
+    [
+        (lambda s: s.pop("000000000285"), "have no prediction"),
+        (lambda s: s.update({"000000000999": [1]}), "not test images"),
+        (lambda s: s.update({"139": [1]}), "12-digit"),
+        (lambda s: s.update({"000000000139": [80]}), "not class indices"),
+        (lambda s: s.update({"000000000139": ["3"]}), "not class indices"),
+        (lambda s: s.update({"000000000139": [True]}), "not class indices"),
+        (lambda s: s.update({"000000000139": [5, 3]}), "sorted"),
+        (lambda s: s.update({"000000000139": [3, 3]}), "sorted"),
+        (lambda s: s.update({"000000000139": 3}), "must be a list"),
+    ],
+)
 def test_invalid_submission_is_refused_and_old_file_kept(tmp_path, test_dir, mutate, message):
     path = submission.write_submission(GOOD, tmp_path / "sub.json", test_dir)
     before = path.read_bytes()

@@ -1,7 +1,4 @@
-"""The weights' moving average in the epoch loop, and the projected GPU hours of a run."""
-import json
-import re
-from pathlib import Path
+"""The completed train_loop (scheduler, EMA), checkpoints, and the projected GPU hours."""
 
 import pytest
 import torch
@@ -9,25 +6,24 @@ from torch import nn
 
 import helpers as h
 from cocochallenge import budget, checkpoints, models, training
-
-ROOT = Path(__file__).resolve().parents[1]
+from cocochallenge.config import NUM_CLASSES
 
 
 def _loader(n=24, batch=8, dim=5, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, dim, generator=g)
-    y = (torch.rand(n, h.NUM_CLASSES, generator=g) < 0.2).float()
+    y = (torch.rand(n, NUM_CLASSES, generator=g) < 0.2).float()
     return training.feature_loader(x, y, batch, shuffle=False)
 
 
 def test_train_loop_updates_the_moving_average_after_every_step():
     torch.manual_seed(0)
-    net = nn.Linear(5, h.NUM_CLASSES)
+    net = nn.Linear(5, NUM_CLASSES)
     loader = _loader()
     ema = training.make_ema(net, steps_per_epoch=len(loader), epochs=1.0)
     assert ema.decay == pytest.approx(1 - 1 / 3)
-    # the same epoch by hand: SGD steps, and after each one ema <- decay * ema + (1 - decay) * weights
-    ref = nn.Linear(5, h.NUM_CLASSES)
+    # the same epoch by hand: SGD steps, and after each ema <- decay * ema + (1 - decay) * weights
+    ref = nn.Linear(5, NUM_CLASSES)
     ref.load_state_dict(net.state_dict())
     avg = {k: v.clone() for k, v in ref.state_dict().items()}
     opt_ref = torch.optim.SGD(ref.parameters(), lr=0.5)
@@ -41,7 +37,7 @@ def test_train_loop_updates_the_moving_average_after_every_step():
     h.train_loop(loader, net, crit, torch.optim.SGD(net.parameters(), lr=0.5), "cpu", ema=ema)
     for k, v in ema.module.state_dict().items():
         torch.testing.assert_close(v, avg[k])
-        assert not torch.allclose(v, net.state_dict()[k])      # an average, not a copy of the weights
+        assert not torch.allclose(v, net.state_dict()[k])  # an average, not a copy of the weights
 
 
 def test_no_moving_average_when_switched_off():
@@ -56,15 +52,19 @@ def test_best_checkpoint_keeps_the_average_when_it_scored_higher(tmp_path):
     ckpt.load_best(fresh)
     torch.testing.assert_close(fresh.weight, avg.weight)
     assert not torch.allclose(fresh.weight, net.weight)
-    assert not ckpt.save(1, {"epoch": 2}, score=0.4)           # not better: best.pt unchanged
+    assert not ckpt.save(1, {"epoch": 2}, score=0.4)  # not better: best.pt unchanged
     ckpt.load_best(fresh)
     torch.testing.assert_close(fresh.weight, avg.weight)
 
 
 def test_epoch_line_shows_the_average_only_when_there_is_one():
     train, val = {"loss": 0.1}, {"loss": 0.2, "f1": 0.3, "mAP": 0.4}
-    with_ema = checkpoints.epoch_line(checkpoints.epoch_row("finetune", 7, 6, 999.9, train, val, {"mAP": 0.45}), 12, True)
-    plain = checkpoints.epoch_line(checkpoints.epoch_row("frozen", 0, 0, 1.0, train, val), 12, False)
+    with_ema = checkpoints.epoch_line(
+        checkpoints.epoch_row("finetune", 7, 6, 999.9, train, val, {"mAP": 0.45}), 12, True
+    )
+    plain = checkpoints.epoch_line(
+        checkpoints.epoch_row("frozen", 0, 0, 1.0, train, val), 12, False
+    )
     assert "EMA 0.4500" in with_ema and len(with_ema) <= 90 and "EMA" not in plain
 
 
@@ -75,18 +75,60 @@ def test_every_backbone_has_a_reference_rate_and_more_epochs_cost_more():
     many = budget.projected_hours(models.BACKBONES, size_of, epochs_finetune=8)
     assert all(0 < few[n] < many[n] for n in models.BACKBONES)
     # a bigger input costs more pixels, at the same reference rate
-    assert budget.reference_rates("convnext_tiny", 288)["train"] < budget.reference_rates("convnext_tiny", 224)["train"]
+    assert (
+        budget.reference_rates("convnext_tiny", 288)["train"]
+        < budget.reference_rates("convnext_tiny", 224)["train"]
+    )
 
 
-def test_parameters_cell_states_the_hours_of_its_own_defaults():
-    """The comment in the parameters cell is what budget.py projects for the cell's defaults."""
-    nb = json.loads((ROOT / "challenge.ipynb").read_text())
-    cell = next("".join(c["source"]) for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", []))
-    ns = {}
-    exec("\n".join(line for line in cell.splitlines() if re.match(r"^[A-Z_]+ = ", line)), ns)
-    hours = budget.projected_hours(ns["BACKBONES"], lambda n: models.preprocess_for(n, ns["IMG_SIZE"])["size"],
-                                   ns["EPOCHS_FINETUNE"], tta=ns["TTA"], ema=ns["EMA_EPOCHS"] > 0)
-    stated = dict(re.findall(r"(\w+) (\d+\.\d+) h", cell))
-    assert set(stated) == set(ns["BACKBONES"])
-    for name, value in hours.items():
-        assert stated[name] == f"{value:.2f}", (name, stated[name], value)
+def test_train_loop_as_the_course_calls_it_and_with_its_completions():
+    """Called as the course calls it, it returns nothing but trains (with mbatch_loss_group, the
+    course's grouped losses); the completions step the scheduler per batch and return the
+    epoch's mean loss."""
+    torch.manual_seed(0)
+    loader = _loader(n=24, batch=8)
+    net, crit = nn.Linear(5, NUM_CLASSES), nn.BCEWithLogitsLoss()
+    before = net.weight.detach().clone()
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    assert "loss" in h.train_loop(loader, net, crit, opt, "cpu")
+    assert not torch.allclose(before, net.weight)
+    losses = h.train_loop(loader, net, crit, opt, "cpu", mbatch_loss_group=1)
+    assert len(losses) == 3 and all(v > 0 for v in losses)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    res = h.train_loop(loader, net, crit, opt, "cpu", scheduler=sched)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.5 / 8)  # three steps, one per batch
+    with torch.no_grad():
+        expected = sum(float(crit(net(x), y)) for x, y in loader) / 3
+    assert res["loss"] > expected  # the mean over the epoch's batches, before their updates
+
+
+def test_update_graphs_draws_what_train_loop_reports(tmp_path):
+    """The course's update_graphs with train_loop's results (the loss only): every chart is
+    written, the metric charts with their validation line."""
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+    from torch.utils.tensorboard import SummaryWriter
+
+    val = {"loss": 0.2, "accuracy": 0.5, "f1": 0.3, "precision": 0.4, "recall": 0.25}
+    with SummaryWriter(str(tmp_path)) as writer:
+        h.update_graphs(writer, 0, {"loss": 0.1}, val)
+    mux = EventMultiplexer()
+    mux.AddRunsFromDirectory(str(tmp_path))
+    mux.Reload()
+    runs = set(mux.Runs())
+    assert any("Train Loss vs Test Loss_Train Loss" in r for r in runs)
+    assert any("Train F1 vs Test F1_Test F1" in r for r in runs)
+    assert not any("Train F1 vs Test F1_Train F1" in r for r in runs)
+
+
+def test_the_hours_command_prints_the_projection(capsys):
+    """The GPU-hour projection left the notebook for `python -m cocochallenge hours`."""
+    from cocochallenge import cli
+
+    names = ["convnext_tiny", "mobilenet_v3_large"]
+    assert cli.main(["hours", *names, "--epochs-finetune", "4"]) == 0
+    out = capsys.readouterr().out
+    size = lambda n: models.preprocess_for(n)["size"]  # noqa: E731
+    hours = budget.projected_hours(names, size, epochs_finetune=4)
+    for name in names:
+        assert f"{hours[name]:.2f}" in out.split(name)[1].splitlines()[0]
+    assert f"{sum(hours.values()):.2f}" in out.splitlines()[-1]

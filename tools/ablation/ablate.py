@@ -5,15 +5,18 @@ is measured here, on features cached by extract.py, with thresholds that never s
 they are scored on; the table in README.md comes from this script (via summarise.py).
 
 Protocol (no threshold ever sees the images it is scored on):
-  for each seed: outer --folds multilabel-stratified CV (iterative-stratification, shuffled by seed);
-    for each outer fold: inner --inner-fold CV on the training part -> out-of-fold (OOF) scores of the
+  for each seed: outer --folds multilabel-stratified CV (iterative-stratification, shuffled
+  by seed);
+    for each outer fold: inner --inner-fold CV on the training part -> out-of-fold (OOF) scores
+    of the
     training part; thresholds are chosen on those; the head refitted on the whole training part
     scores the held-out fold, which the thresholds then binarise.
   Metrics of a seed are computed on the 678 pooled held-out predictions (each image scored once,
   by a model and thresholds that never saw it); the mean course F1 of the 5 folds is kept too.
 
 A member = one feature set + one head; its held-out and inner-OOF probabilities are cached per
-seed in <dir>/probs/<hash>_s<seed>.npz, so ensembles (mean of member probabilities) cost nothing more.
+seed in <dir>/probs/<hash>_s<seed>.npz, so ensembles (mean of member probabilities) cost nothing
+more.
 
 Recipe file: one recipe per line, ``name | member & member ... | ens=prob``, a member being
 ``key=value;key=value`` with keys:
@@ -33,6 +36,7 @@ Recipe file: one recipe per line, ``name | member & member ... | ens=prob``, a m
         random split does: classes can be missing from a fold)                [strat]
 Members of one recipe must share ``split``. Threshold rules: see ``thresholds``.
 """
+
 import argparse
 import hashlib
 import json
@@ -42,18 +46,33 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+from common import ResultsCSV, add_dir_argument, loadavg, work_dir
 from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
 from sklearn.metrics import average_precision_score, f1_score
-
-from common import ResultsCSV, add_dir_argument, loadavg, work_dir
 from sklearn.model_selection import KFold
 
-from cocochallenge import losses, metrics as cm, models
+from cocochallenge import losses, models
+from cocochallenge import metrics as cm
 
 C_GRID = [0.01, 0.03, 0.1, 0.3, 1.0]
-DEFAULTS = {"ms": "cat", "view": "avg", "std": "z", "head": "logreg", "C": "0.1", "loss": "bce",
-            "epochs": "100", "lr": "1e-3", "wd": "1e-4", "drop": "0.2", "hidden": "512", "bs": "64",
-            "opt": "adamw", "sched": "onecycle", "prior": "1", "split": "strat"}
+DEFAULTS = {
+    "ms": "cat",
+    "view": "avg",
+    "std": "z",
+    "head": "logreg",
+    "C": "0.1",
+    "loss": "bce",
+    "epochs": "100",
+    "lr": "1e-3",
+    "wd": "1e-4",
+    "drop": "0.2",
+    "hidden": "512",
+    "bs": "64",
+    "opt": "adamw",
+    "sched": "onecycle",
+    "prior": "1",
+    "split": "strat",
+}
 
 
 # ---------------------------------------------------------------------------- features
@@ -90,7 +109,7 @@ def logodds(Y):
 
 
 def fit_logreg(X, Y, C, seed):
-    """L2 logistic regression per class (sklearn's objective C*sum(loss) + |w|^2/2), jointly by L-BFGS.
+    """L2 logistic regression per class (sklearn's objective C*sum(loss) + |w|^2/2), by L-BFGS.
 
     ``C`` may be a vector (one per class): the classes are independent problems.
     The same fit as ``cocochallenge.training.fit_logistic`` (loss, L-BFGS settings, log-odds bias
@@ -99,21 +118,36 @@ def fit_logreg(X, Y, C, seed):
     the population-sd z-scoring the table was measured with."""
     X = torch.as_tensor(X, dtype=torch.float32)
     Yt = torch.as_tensor(Y, dtype=torch.float32)
-    invC = torch.as_tensor(1.0 / np.broadcast_to(np.asarray(C, dtype=np.float64), (Y.shape[1],)).copy(), dtype=torch.float32)
+    invC = torch.as_tensor(
+        1.0 / np.broadcast_to(np.asarray(C, dtype=np.float64), (Y.shape[1],)).copy(),
+        dtype=torch.float32,
+    )
     W = torch.zeros(X.shape[1], Y.shape[1], dtype=torch.float32, requires_grad=True)
     b = torch.as_tensor(logodds(Y), dtype=torch.float32).clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([W, b], lr=1, max_iter=100, tolerance_grad=1e-5, tolerance_change=1e-7,
-                            history_size=10, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        [W, b],
+        lr=1,
+        max_iter=100,
+        tolerance_grad=1e-5,
+        tolerance_change=1e-7,
+        history_size=10,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure():
         opt.zero_grad()
-        loss = nn.functional.binary_cross_entropy_with_logits(X @ W + b, Yt, reduction="sum") \
-            + 0.5 * ((W ** 2).sum(0) * invC).sum()
+        loss = (
+            nn.functional.binary_cross_entropy_with_logits(X @ W + b, Yt, reduction="sum")
+            + 0.5 * ((W**2).sum(0) * invC).sum()
+        )
         loss.backward()
         return loss
+
     opt.step(closure)
     Wd, bd = W.detach(), b.detach()
-    return lambda Z: torch.sigmoid(torch.as_tensor(Z, dtype=torch.float32) @ Wd + bd).double().numpy()
+    return lambda Z: (
+        torch.sigmoid(torch.as_tensor(Z, dtype=torch.float32) @ Wd + bd).double().numpy()
+    )
 
 
 def fit_torch_head(X, Y, p, seed):
@@ -125,8 +159,13 @@ def fit_torch_head(X, Y, p, seed):
     elif p["head"] == "course":
         net = models.make_head(d, "mlp", dropout=drop, num_classes=C)
     else:
-        net = nn.Sequential(nn.Dropout(drop), nn.Linear(d, int(p["hidden"])), nn.Hardswish(),
-                            nn.Dropout(drop), nn.Linear(int(p["hidden"]), C))
+        net = nn.Sequential(
+            nn.Dropout(drop),
+            nn.Linear(d, int(p["hidden"])),
+            nn.Hardswish(),
+            nn.Dropout(drop),
+            nn.Linear(int(p["hidden"]), C),
+        )
     if p["prior"] == "1":
         with torch.no_grad():
             net[-1].bias.copy_(torch.as_tensor(logodds(Y), dtype=torch.float32))
@@ -138,16 +177,23 @@ def fit_torch_head(X, Y, p, seed):
     Xt, Yt = torch.as_tensor(X), torch.as_tensor(Y, dtype=torch.float32)
     bs, n = int(p["bs"]), len(X)
     epochs = int(p["epochs"])
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=float(p["lr"]), total_steps=epochs * ((n + bs - 1) // bs)) \
-        if p["sched"] == "onecycle" else None
+    sched = (
+        torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=float(p["lr"]), total_steps=epochs * ((n + bs - 1) // bs)
+        )
+        if p["sched"] == "onecycle"
+        else None
+    )
     g = torch.Generator().manual_seed(seed)
     net.train()
     for _ in range(epochs):
         perm = torch.randperm(n, generator=g)
         for i in range(0, n, bs):
-            idx = perm[i:i + bs]
+            idx = perm[i : i + bs]
             loss = crit(net(Xt[idx]), Yt[idx])
-            opt.zero_grad(); loss.backward(); opt.step()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
             if sched is not None:
                 sched.step()
     net.eval()
@@ -155,11 +201,12 @@ def fit_torch_head(X, Y, p, seed):
     def predict(Z):
         with torch.no_grad():
             return torch.sigmoid(net(torch.as_tensor(Z, dtype=torch.float32))).double().numpy()
+
     return predict
 
 
 def fit_predict(p, views, Y, tr, te_list, seed, C=None):
-    """Fit the member's head on rows ``tr``; return probabilities for each index array in te_list."""
+    """Fit the member's head on rows ``tr``; probabilities for each index array in te_list."""
     plain, flip = views
     if p["view"] == "avg":
         Xtr, Ytr = (plain[tr] + flip[tr]) / 2, Y[tr]
@@ -217,8 +264,13 @@ def member_probs(spec: str, seed: int, folds, Y, inner_folds, feats: Path, probs
     fold_times = []
     for k, (tr, te) in enumerate(folds):
         tf = time.perf_counter()
-        Cs = C_GRID if p["head"] == "logreg" and p["C"] in ("tune", "perclass") else \
-            [float(p["C"])] if p["head"] == "logreg" else [None]
+        Cs = (
+            C_GRID
+            if p["head"] == "logreg" and p["C"] in ("tune", "perclass")
+            else [float(p["C"])]
+            if p["head"] == "logreg"
+            else [None]
+        )
         oof_by_C = {C: np.zeros((len(tr), Y.shape[1])) for C in Cs}
         for itr, ite in inner_folds[(seed, k)]:
             for C in Cs:
@@ -232,8 +284,12 @@ def member_probs(spec: str, seed: int, folds, Y, inner_folds, feats: Path, probs
                 C_use, o = Cbest, oof_by_C[Cbest]
             else:
                 npos = Y[tr].sum(0)
-                C_use = np.array([Cbest if npos[c] < 8 else max(Cs, key=lambda C: aps[C][c])
-                                  for c in range(Y.shape[1])])
+                C_use = np.array(
+                    [
+                        Cbest if npos[c] < 8 else max(Cs, key=lambda C: aps[C][c])
+                        for c in range(Y.shape[1])
+                    ]
+                )
                 o = np.stack([oof_by_C[C_use[c]][:, c] for c in range(Y.shape[1])], 1)
         oof[k, tr] = o
         val[te] = fit_predict(p, views, Y, tr, [te], seed, C_use)[0]
@@ -267,24 +323,34 @@ def thresholds(rule: str, Y, P):
 
 def metrics(Y, P, pred):
     y = Y.astype(bool)
-    return {"course_f1": cm.course_f1(y, pred)["f1"],
-            "macro_f1": float(f1_score(y, pred, average="macro", zero_division=0)),
-            "micro_f1": float(f1_score(y, pred, average="micro", zero_division=0)),
-            "mAP": cm.mean_average_precision(y, P),
-            "labels_per_img": float(pred.sum(1).mean())}
+    return {
+        "course_f1": cm.course_f1(y, pred)["f1"],
+        "macro_f1": float(f1_score(y, pred, average="macro", zero_division=0)),
+        "micro_f1": float(f1_score(y, pred, average="micro", zero_division=0)),
+        "mAP": cm.mean_average_precision(y, P),
+        "labels_per_img": float(pred.sum(1).mean()),
+    }
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_dir_argument(ap)
-    ap.add_argument("--feats", default="", help="feature cache of extract.py (default: <dir>/feats)")
+    ap.add_argument(
+        "--feats", default="", help="feature cache of extract.py (default: <dir>/feats)"
+    )
     ap.add_argument("--recipes", required=True, help="recipe file (see above)")
     ap.add_argument("--only", default="", help="comma list of recipe names to run")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--inner", type=int, default=5)
-    ap.add_argument("--rules", default="fixed0.5,global,perclass5,perclass3,shrink3,shrink10,shrink30")
-    ap.add_argument("--out", default="", help="per-seed results, appended (default: <dir>/results_per_seed.csv)")
+    ap.add_argument(
+        "--rules", default="fixed0.5,global,perclass5,perclass3,shrink3,shrink10,shrink30"
+    )
+    ap.add_argument(
+        "--out", default="", help="per-seed results, appended (default: <dir>/results_per_seed.csv)"
+    )
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -298,11 +364,18 @@ def main():
     kinds = {"strat": MultilabelStratifiedKFold, "random": KFold}
     for kind, Splitter in kinds.items():
         for s in seeds:
-            folds[kind][s] = [(tr, te) for tr, te in Splitter(args.folds, shuffle=True, random_state=s)
-                              .split(np.zeros(len(Y)), Y)]
-            for k, (tr, te) in enumerate(folds[kind][s]):
-                inner[kind][(s, k)] = list(Splitter(args.inner, shuffle=True, random_state=1000 + s)
-                                           .split(np.zeros(len(tr)), Y[tr]))
+            folds[kind][s] = [
+                (tr, te)
+                for tr, te in Splitter(args.folds, shuffle=True, random_state=s).split(
+                    np.zeros(len(Y)), Y
+                )
+            ]
+            for k, (tr, _te) in enumerate(folds[kind][s]):
+                inner[kind][(s, k)] = list(
+                    Splitter(args.inner, shuffle=True, random_state=1000 + s).split(
+                        np.zeros(len(tr)), Y[tr]
+                    )
+                )
     recipes = []
     for line in Path(args.recipes).read_text().splitlines():
         if not line.strip() or line.startswith("#"):
@@ -319,14 +392,21 @@ def main():
             kind = kind.pop()
             for s in seeds:
                 la = loadavg()
-                outs = [member_probs(m, s, folds[kind][s], Y, inner[kind], feats, probs) for m in members]
+                outs = [
+                    member_probs(m, s, folds[kind][s], Y, inner[kind], feats, probs)
+                    for m in members
+                ]
                 fit_s = sum(o[2] for o in outs)
                 if ens == "logit":
-                    lg = lambda a: np.log(np.clip(a, 1e-7, 1 - 1e-7) / (1 - np.clip(a, 1e-7, 1 - 1e-7)))
+                    lg = lambda a: np.log(
+                        np.clip(a, 1e-7, 1 - 1e-7) / (1 - np.clip(a, 1e-7, 1 - 1e-7))
+                    )
                     sig = lambda a: 1 / (1 + np.exp(-a))
-                    val = sig(np.mean([lg(o[0]) for o in outs], 0)); oof = sig(np.mean([lg(o[1]) for o in outs], 0))
+                    val = sig(np.mean([lg(o[0]) for o in outs], 0))
+                    oof = sig(np.mean([lg(o[1]) for o in outs], 0))
                 else:
-                    val = np.mean([o[0] for o in outs], 0); oof = np.mean([o[1] for o in outs], 0)
+                    val = np.mean([o[0] for o in outs], 0)
+                    oof = np.mean([o[1] for o in outs], 0)
                 for rule in args.rules.split(","):
                     for top1 in (False, True):
                         pred = np.zeros_like(Y, dtype=bool)
@@ -335,10 +415,18 @@ def main():
                             t = thresholds(rule, Y[tr], oof[k, tr])
                             pred[te] = cm.apply_thresholds(val[te], t, at_least_one=top1)
                             fold_f1.append(cm.course_f1(Y[te], pred[te])["f1"])
-                        row = {"recipe": name, "rule": rule, "top1": int(top1), "seed": s,
-                               **metrics(Y, val, pred), "course_f1_foldmean": float(np.mean(fold_f1)),
-                               "fit_s_per_outer_fold": round(fit_s, 2), "loadavg": la,
-                               "members": " & ".join(members), "ens": ens}
+                        row = {
+                            "recipe": name,
+                            "rule": rule,
+                            "top1": int(top1),
+                            "seed": s,
+                            **metrics(Y, val, pred),
+                            "course_f1_foldmean": float(np.mean(fold_f1)),
+                            "fit_s_per_outer_fold": round(fit_s, 2),
+                            "loadavg": la,
+                            "members": " & ".join(members),
+                            "ens": ens,
+                        }
                         results.write(row)
                 print(f"{name} seed {s}: fit {fit_s:.1f}s/outer fold, load {la}", flush=True)
 

@@ -6,32 +6,33 @@ in sorted order, then the test stems). Everything else comes from the project (`
 for the course dataset, ``cocochallenge`` for backbones, transforms and metrics); nothing of
 the library is copied here.
 """
+
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import helpers as h
+from cocochallenge import data, models
 
-import helpers as h  # noqa: E402
-from cocochallenge import data, models  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 #: The real labelled photos beside the repository (``<repo>/../shared/real-coco-train/ms-coco``).
 DEFAULT_DATA = REPO.parent / "shared" / "real-coco-train" / "ms-coco"
 #: Caches and results: git ignores ``runs/``, so nothing lands in the tracked tree.
 DEFAULT_DIR = REPO / "runs" / "ablation"
 #: Short backbone names of the scripts -> input size the weights were trained at.
-NATIVE = {f"lite{n}": models.BACKBONES[f"efficientnet_lite{n}"]["size"] for n in (0, 1, 2)}
+NATIVE = {f"lite{n}": models.preprocess_for(f"efficientnet_lite{n}")["size"] for n in (0, 1, 2)}
 
 
 def add_dir_argument(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--dir", default=str(DEFAULT_DIR),
-                    help="folder for the caches and results (default: <repo>/runs/ablation, git-ignored)")
+    ap.add_argument(
+        "--dir",
+        default=str(DEFAULT_DIR),
+        help="folder for the caches and results (default: <repo>/runs/ablation, git-ignored)",
+    )
 
 
 def work_dir(path: str | Path) -> Path:
@@ -39,8 +40,10 @@ def work_dir(path: str | Path) -> Path:
     out = Path(path).expanduser().resolve()
     inside = out == REPO or REPO in out.parents
     if inside and not (out == REPO / "runs" or (REPO / "runs") in out.parents):
-        raise SystemExit(f"{out} is inside the repository's tracked tree; use a folder under "
-                         f"{REPO / 'runs'} (git-ignored) or outside the repository")
+        raise SystemExit(
+            f"{out} is inside the repository's tracked tree; use a folder under "
+            f"{REPO / 'runs'} (git-ignored) or outside the repository"
+        )
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -55,6 +58,7 @@ class ResultsCSV:
 
     def __init__(self, path: str | Path):
         import csv
+
         self._csv, self.path = csv, Path(path)
         self._new = not self.path.exists()
         self._fh = open(self.path, "a", newline="")
@@ -91,7 +95,9 @@ def train_listing(root: str | Path):
     """Stems, (N, 80) uint8 labels and image paths of the labelled photos, stems sorted."""
     paths = data.data_paths(root)
     ds = h.COCOTrainImageDataset(paths["train_images"], paths["train_labels"])
-    return ds.stems, ds.labels.astype(np.uint8), [ds.image_path(i) for i in range(len(ds))]
+    stems = data.stems(ds)
+    images = [paths["train_images"] / f"{s}.jpg" for s in stems]
+    return stems, data.labels_of(ds).astype(np.uint8), images
 
 
 def test_listing(root: str | Path):
