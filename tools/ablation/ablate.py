@@ -46,13 +46,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-from common import ResultsCSV, add_dir_argument, loadavg, work_dir
+from common import ResultsCSV, add_dir_argument, criterion, loadavg, work_dir
 from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
 from sklearn.metrics import average_precision_score, f1_score
 from sklearn.model_selection import KFold
 
-from cocochallenge import losses, models
 from cocochallenge import metrics as cm
+from cocochallenge import models
 
 C_GRID = [0.01, 0.03, 0.1, 0.3, 1.0]
 DEFAULTS = {
@@ -112,7 +112,7 @@ def fit_logreg(X, Y, C, seed):
     """L2 logistic regression per class (sklearn's objective C*sum(loss) + |w|^2/2), by L-BFGS.
 
     ``C`` may be a vector (one per class): the classes are independent problems.
-    The same fit as ``cocochallenge.training.fit_logistic`` (loss, L-BFGS settings, log-odds bias
+    The same fit as ``cpu_recipe.fit_logistic`` (loss, L-BFGS settings, log-odds bias
     start), kept here because that one takes a single C and z-scores internally (sample sd),
     while the recipes need per-class C (C=perclass), the Scaler variants (std=none|l2|l2z) and
     the population-sd z-scoring the table was measured with."""
@@ -169,7 +169,7 @@ def fit_torch_head(X, Y, p, seed):
     if p["prior"] == "1":
         with torch.no_grad():
             net[-1].bias.copy_(torch.as_tensor(logodds(Y), dtype=torch.float32))
-    crit = losses.make_criterion(p["loss"])
+    crit = criterion(p["loss"])
     if p["opt"] == "adam":
         opt = torch.optim.Adam(net.parameters(), lr=float(p["lr"]))
     else:

@@ -82,6 +82,16 @@ class ResultsCSV:
         self.close()
 
 
+def criterion(name: str):
+    """The notebook's loss: the course's BCE, or timm's asymmetric loss as the notebook sets it."""
+    import torch
+    from timm.loss import AsymmetricLossMultiLabel
+
+    if name == "bce":
+        return torch.nn.BCEWithLogitsLoss()
+    return AsymmetricLossMultiLabel(gamma_pos=0, clip=0.05, reduction="batchmean")
+
+
 def loadavg() -> str:
     return Path("/proc/loadavg").read_text().split()[0:3].__str__()
 

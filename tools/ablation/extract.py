@@ -31,7 +31,10 @@ from cocochallenge import data, models, transforms
 
 NORMS = {
     "half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-    "imagenet": (models.IMAGENET_MEAN, models.IMAGENET_STD),
+    "imagenet": (
+        models.preprocess_for("resnet50")["mean"],
+        models.preprocess_for("resnet50")["std"],
+    ),
 }
 
 

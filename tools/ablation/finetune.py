@@ -31,8 +31,9 @@ import torch
 from common import DEFAULT_DATA, ResultsCSV, add_dir_argument, loadavg, work_dir
 from sklearn.metrics import f1_score
 
+import cpu_recipe
 import helpers as h
-from cocochallenge import data, losses, models, split, training, transforms
+from cocochallenge import config, data, models, split, training, transforms
 from cocochallenge import metrics as cm
 
 NB = {
@@ -64,12 +65,12 @@ def validate(net, loader, crit):
         loader,
         net,
         crit,
-        h.NUM_CLASSES,
+        config.NUM_CLASSES,
         "cpu",
         multi_label=True,
         th_multi_label=0.0,
         one_hot=True,
-        keep_outputs=True,
+        keep_probs=True,
     )
     return res["probs"]
 
@@ -92,11 +93,11 @@ def main():
     paths = data.data_paths(args.data)
     ds = h.COCOTrainImageDataset(paths["train_images"], paths["train_labels"])
     n = args.limit or len(ds)
-    Y = ds.labels[:n].astype(np.float32)
+    Y = data.labels_of(ds)[:n].astype(np.float32)
     pre = models.preprocess_for("efficientnet_lite0")
     eval_t = transforms.build_transform(pre, train=False, pad=True)
     train_t = transforms.build_transform(pre, train=True, pad=True, augment="trivial")
-    crit = losses.make_criterion("bce")
+    crit = torch.nn.BCEWithLogitsLoss()
     results = ResultsCSV(args.out)
 
     def write(recipe, seed, yv, probs, seconds):
@@ -128,7 +129,7 @@ def main():
         tr, va = split.stratified_split(Y, 0.2, seed)
         yt, yv = Y[tr], Y[va]
         loader = lambda idx, tf, train: transforms.make_loader(
-            ds.subset(idx, tf), args.batch, train
+            data.LabelledSubset(ds, idx, tf), args.batch, train
         )  # noqa: E731
         torch.manual_seed(seed)
         t0 = time.perf_counter()
@@ -145,7 +146,7 @@ def main():
         t_feats = time.perf_counter() - t0
         # the CPU recipe's head on the same split
         t1 = time.perf_counter()
-        lin = training.fit_logistic(ft, yt, C=NB["logistic_c"])
+        lin = cpu_recipe.fit_logistic(ft, yt, C=NB["logistic_c"])
         probs = validate(lin, training.feature_loader(fv, yv, 4096, False), crit)
         write("ft_split_logistic", seed, yv, probs, t_feats + time.perf_counter() - t1)
         # the notebook's frozen phase: MLP head on cached features
