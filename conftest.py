@@ -36,5 +36,7 @@ NBVAL = {
 
 for _key, _value in NBVAL.items():
     os.environ.setdefault(_key, _value)
+# the start-up scan remembers image verdicts: the tests' go to a throw-away folder
+os.environ.setdefault("XDG_CACHE_HOME", str(_DIR / "cache"))
 os.environ.setdefault("COCO_HEADLESS", "1")
 os.environ.pop("MPLBACKEND", None)  # kernels draw inline, as in a notebook

@@ -30,6 +30,7 @@ from cocochallenge import (
     metrics,
     models,
     runs,
+    scan,
     split,
     submission,
     training,
@@ -130,24 +131,25 @@ def run(
     device = config.pick_device(cfg["device"])
     data_root, is_demo = data.resolve_data_root(data_root)
     paths = data.data_paths(data_root)
-    scan = data.scan_data(data_root)
+    found = scan.scan_data(data_root)
     train_set = h.COCOTrainImageDataset(paths["train_images"], paths["train_labels"])
-    data.drop_images(train_set, scan["skip"])
+    data.drop_images(train_set, found["skip"])
     test_set = h.COCOTestImageDataset(paths["test_images"])
     notes = []
     Y = data.labels_of(train_set, notes)
-    data.report_data(scan, notes, log=log)
-    stems = data.stems(train_set)
-    data_id = data.data_fingerprint(train_set, Y, test_set)
+    scan.report_data(found, notes, log=log)
+    stems, inventory = data.stems(train_set), data.inventory(train_set, Y)
+    test_id = data.test_digest(test_set)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    tr, va = split.load_or_make_split(stems, Y, run_dir / "split.json", val_fraction, seed, data_id)
+    tr, va = split.load_or_make_split(stems, Y, run_dir / "split.json", val_fraction, seed,
+                                      inventory)  # fmt: skip
     split_id = files.load_json(run_dir / "split.json")["id"]
     log(f"{len(tr)} train / {len(va)} validation / {len(test_set)} test images (split {split_id})")
     runs.prepare_run_dir(cfg)
     for name in backbones:
         out = run_dir / "models" / name
-        if (out / "result.json").exists():
+        if (out / "result.json").exists() and not runs.test_scores_stale(out, test_id):
             log(f"{name}: already fitted in this run folder, reused")
             continue
         t0 = time.perf_counter()
@@ -161,14 +163,14 @@ def run(
             "val": data.LabelledSubset(train_set, va, tf),
             "test": data.with_transform(test_set, tf),
         }
-        key = {"backbone": name, **pre, "images": split_id}
+        images = {"train": split_id, "val": split_id, "test": test_id}
         feats = {
             part: training.cached_features(
                 out / f"features_{part}.pt",
                 model.backbone,
                 loader(ds),
                 device,
-                key={**key, "part": part},
+                key={"backbone": name, **pre, "images": images[part], "part": part},
                 show_progress=cfg["progress"],
             )
             for part, ds in parts.items()
@@ -190,6 +192,7 @@ def run(
             probs=probs["test"],
             probs_tta=probs["test"],
             stems=np.array(data.stems(test_set)),
+            data=np.array(test_id),
         )
         seconds = time.perf_counter() - t0
         val_mAP = metrics.mean_average_precision(Y[va], probs["val"])

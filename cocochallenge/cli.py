@@ -6,8 +6,7 @@ import argparse
 import sys
 
 from .demo import make_demo_data
-from .files import load_json
-from .submission import SubmissionError, score_submission, validate_submission
+from .submission import SubmissionError, read_submission, score_submission, validate_submission
 
 
 def main(argv=None) -> int:
@@ -30,6 +29,7 @@ def main(argv=None) -> int:
     p.add_argument(
         "--max-mb", type=float, default=20.0, help="the course's upload limit, MB (default 20)"
     )
+    p.add_argument("--test-dir", help="the images/test-resized folder, if the run does not say")
     p = sub.add_parser("score", help="score a submission JSON against an answers JSON")
     p.add_argument("submission")
     p.add_argument("answers")
@@ -61,10 +61,10 @@ def main(argv=None) -> int:
     elif args.command == "handin":
         from .handin import pack
 
-        return 0 if pack(args.run_dir, args.out, args.max_mb) else 1
+        return 0 if pack(args.run_dir, args.out, args.max_mb, test_dir=args.test_dir) else 1
     elif args.command == "validate":
         try:
-            validate_submission(load_json(args.submission), args.test_dir)
+            validate_submission(read_submission(args.submission), args.test_dir)
         except SubmissionError as err:
             print(err, file=sys.stderr)
             return 1

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .config import CLASSES, COURSE_DATA_ROOT, NUM_CLASSES, progress
+from .config import CLASSES, COURSE_DATA_ROOT, NUM_CLASSES
 from .demo import make_demo_data
 
 if TYPE_CHECKING:
@@ -171,126 +171,9 @@ def load_rgb(path: Path | str) -> Image.Image:
             return img.convert("RGB")
     except (OSError, SyntaxError, ValueError) as err:
         raise DataError(
-            f"{path}: cannot be read as an image ({err}); re-extract it from the "
-            "course's zip file or delete it (and its .cls label file)"
+            f"{path}: cannot be read as an image ({err}); re-extract it from the course's zip "
+            "file (the start-up scan, scan.scan_data, finds such files before training)"
         ) from None
-
-
-_IMAGE_MAGIC = {
-    b"\x89PNG": "PNG",
-    b"GIF8": "GIF",
-    b"BM": "BMP",
-    b"RIFF": "WEBP",
-    b"II*\x00": "TIFF",
-    b"MM\x00*": "TIFF",
-}
-
-
-def check_image_file(path: Path | str) -> tuple[str | None, str | None]:
-    """``(problem, note)`` of one image from its first and last bytes; decode only if suspect.
-
-    A JPEG starts with FF D8 and a complete one ends with FF D9: reading those few bytes of
-    65,000 files takes seconds, where decoding them all would take minutes. Only a file that
-    fails this look is decoded, to tell an unusual-but-readable file (used, with a note) from
-    a broken one (``problem``: skipped or fatal, the caller decides).
-    """
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-        if size == 0:
-            return "empty file (0 bytes)", None
-        with open(path, "rb") as fh:
-            head = fh.read(4)
-            fh.seek(max(0, size - 2))
-            tail = fh.read(2)
-    except OSError as err:
-        return f"cannot be opened ({err.strerror or err})", None
-    if head[:2] == b"\xff\xd8" and tail == b"\xff\xd9":
-        return None, None
-    kind = next((v for k, v in _IMAGE_MAGIC.items() if head.startswith(k)), None)
-    try:
-        with Image.open(path) as img:
-            img.load()
-    except (OSError, SyntaxError, ValueError) as err:
-        what = "truncated or corrupt JPEG" if head[:2] == b"\xff\xd8" else "not an image"
-        return f"{what} ({err})", None
-    if head[:2] != b"\xff\xd8":
-        return None, f"not a JPEG despite its name ({kind or 'other format'}), but readable: used"
-    return None, "JPEG without end marker, but it decodes: used"
-
-
-def scan_data(
-    root: Path | str, max_skip_fraction: float = 0.01, show_progress: bool = False
-) -> dict:
-    """Look at every file of a challenge folder before training; stop or skip, never crash later.
-
-    Stops with a :class:`DataError` (results would be wrong, or the run would die hours in):
-    test names that are not 12-digit ids, test images that are also training images, an
-    unreadable test image (every test image must be predicted), and more than
-    ``max_skip_fraction`` of the training set missing or unreadable (a bad unzip, the wrong
-    folder). Skips, with a visible report: a handful of unreadable training images and label
-    files whose image is missing. Notes: images without a label file (not used), files that
-    are readable but not JPEG. Label content is checked when the labels are read.
-    Returns ``{"skip": set of training stems to leave out, "report": [lines]}``.
-    """
-    paths = check_data_root(root)
-    label_stems = [n[:-4] for n in list_files(paths["train_labels"], ".cls")]
-    train_imgs = {n[:-4] for n in list_files(paths["train_images"], ".jpg")}
-    test_names = list_files(paths["test_images"], ".jpg")
-    test_stems = [n[:-4] for n in test_names]
-    bad_names = [n for n in test_stems if not (len(n) == 12 and n.isdigit())]
-    if bad_names:
-        raise DataError(
-            f"{len(bad_names)} test images in {paths['test_images']} are not named "
-            f"<12-digit id>.jpg, e.g. {bad_names[:3]}: the leaderboard identifies images "
-            "by these ids. Restore the original file names from the course's zip file."
-        )
-    overlap = sorted(set(test_stems) & (train_imgs | set(label_stems)))
-    if overlap:
-        raise DataError(
-            f"{len(overlap)} test images also appear in the training data, e.g. "
-            f"{overlap[:3]}: the folders are mixed up (validation scores would be "
-            "meaningless). Re-extract images/test-resized and images/train-resized."
-        )
-    report, skip = [], set()
-    unlabelled = sorted(train_imgs - set(label_stems))
-    if unlabelled:
-        report.append(
-            f"{len(unlabelled)} training images have no label file and are not used, "
-            f"e.g. {unlabelled[:3]}"
-        )
-    missing = [s for s in label_stems if s not in train_imgs]
-    for s in missing:
-        report.append(
-            f"skipped {paths['train_labels'] / (s + '.cls')}: its image {s}.jpg is missing"
-        )
-    skip.update(missing)
-    items = [(s, paths["train_images"] / f"{s}.jpg", True) for s in label_stems if s in train_imgs]
-    items += [(s, paths["test_images"] / f"{s}.jpg", False) for s in test_stems]
-    test_problems = []
-    for stem, path, is_train in progress(items, show_progress, desc="scan images", leave=False):
-        problem, note = check_image_file(path)
-        if note:
-            report.append(f"{path}: {note}")
-        if problem and is_train:
-            skip.add(stem)
-            report.append(f"skipped {path}: {problem}")
-        elif problem:
-            test_problems.append(f"{path}: {problem}")
-    if test_problems:
-        raise DataError(
-            "unreadable test images (each one must be predicted):\n  "
-            + "\n  ".join(test_problems[:10])
-            + "\nRe-extract images/test-resized from the course's zip file."
-        )
-    limit = max(5, int(max_skip_fraction * max(len(label_stems), 1)))
-    if len(skip) > limit:
-        raise DataError(
-            f"{len(skip)} of {len(label_stems)} training images are missing or "
-            f"unreadable (more than {limit}): the data folder looks incomplete. "
-            "First problems:\n  " + "\n  ".join(r for r in report if r.startswith("skipped"))[:2000]
-        )
-    return {"skip": skip, "report": report}
 
 
 def stems(dataset) -> list[str]:
@@ -299,9 +182,38 @@ def stems(dataset) -> list[str]:
     return [Path(n).stem for n in names]
 
 
-def labels_of(dataset, notes: list | None = None) -> np.ndarray:
-    """The ``(N, 80)`` label matrix of a :class:`helpers.COCOTrainImageDataset`, read once."""
-    return read_label_matrix(dataset.annotations_dir, dataset.img_labels, notes)
+#: Share of empty label files above which the labels look wrong rather than merely sparse:
+#: about 1% of COCO photos show none of the 80 classes.
+MAX_EMPTY_LABELS = 0.05
+
+
+def labels_of(
+    dataset, notes: list | None = None, max_empty: float = MAX_EMPTY_LABELS
+) -> np.ndarray:
+    """The ``(N, 80)`` label matrix of a :class:`helpers.COCOTrainImageDataset`, read once.
+
+    Every line is checked (a bad one stops the run, naming the file and the line). An empty
+    file is legal, a photo with none of the classes, and counted in ``notes``; a set with no
+    positive label at all, or with more than ``max_empty`` of its files empty (and more than
+    5), stops the run:
+    training on it would only learn that nothing is ever there.
+    """
+    Y = read_label_matrix(dataset.annotations_dir, dataset.img_labels, notes)
+    empty = [n for n, row in zip(dataset.img_labels, Y) if not row.any()]
+    where = Path(dataset.annotations_dir)
+    if len(Y) and not Y.any():
+        raise DataError(f"all {len(Y)} label files in {where} are empty: nothing to learn. "
+                        "Re-extract labels/train from the course's zip file.")  # fmt: skip
+    if len(empty) > max(5, max_empty * len(Y)):
+        raise DataError(
+            f"{len(empty)} of {len(Y)} label files in {where} are empty (more than "
+            f"{max_empty:.0%}), e.g. {empty[:3]}: the labels look damaged. Re-extract "
+            "labels/train from the course's zip file."
+        )
+    if empty and notes is not None:
+        notes.append((where, f"{len(empty)} label files are empty (photos with none of the "
+                             f"classes), e.g. {empty[:3]}: used as such"))  # fmt: skip
+    return Y
 
 
 def drop_images(dataset, skip) -> None:
@@ -343,18 +255,6 @@ def class_statistics(Y: np.ndarray) -> pd.DataFrame:
     return pd.DataFrame({"class": CLASSES, "images": counts, "prevalence": counts / max(len(Y), 1)})
 
 
-def report_data(scan: dict, label_notes, log=print, limit: int = 10) -> None:
-    """Print what the start-up scan and the label reader noticed, before any training starts."""
-    notes = scan["report"] + [f"{f}: {n}" for f, n in label_notes]
-    if not notes:
-        return
-    log(f"data check: {len(notes)} remarks ({len(scan['skip'])} training images left out):")
-    for line in notes[:limit]:
-        log(f"  {line}")
-    if len(notes) > limit:
-        log(f"  ... and {len(notes) - limit} more")
-
-
 def with_transform(dataset, transform):
     """A shallow copy of a dataset with another transform (the original is left untouched)."""
     out = type(dataset).__new__(type(dataset))
@@ -363,21 +263,27 @@ def with_transform(dataset, transform):
     return out
 
 
-def data_fingerprint(train_set, labels: np.ndarray, test_set) -> str:
-    """A digest of what a run learns from and predicts: ids, labels and image file sizes.
+def inventory(train_set, labels: np.ndarray) -> dict:
+    """``{image id: "file size:classes"}`` of the labelled set: what a trained model depends on.
 
-    Stored with the split and every model, so that a run folder is never reused on other
-    data. File sizes stand for the image content (a re-encoded or replaced JPEG changes size)
-    at the cost of one ``stat`` per file, where hashing 65,000 images would take minutes.
+    File sizes stand for the image content (a re-encoded or replaced JPEG changes size) at the
+    cost of one ``stat`` per file, where hashing 65,000 images would take minutes. Stored with
+    the split, it names the files added, removed or changed when the data changes.
     """
+    folder = Path(train_set.img_dir)
+    return {s: f"{os.stat(folder / f'{s}.jpg').st_size}:{','.join(map(str, np.flatnonzero(y)))}"
+            for s, y in zip(stems(train_set), labels)}  # fmt: skip
+
+
+def digest(inventory: dict) -> str:
+    """A short digest of an inventory (or of any ``{name: value}`` of strings)."""
     import hashlib
 
-    h = hashlib.sha256()
-    for folder, names in (
-        (train_set.img_dir, [f"{s}.jpg" for s in stems(train_set)]),
-        (test_set.img_dir, test_set.img_list),
-    ):
-        for name in names:
-            h.update(f"{name}:{os.stat(Path(folder) / name).st_size};".encode())
-    h.update(np.ascontiguousarray(labels).tobytes())
-    return h.hexdigest()[:16]
+    text = "".join(f"{k}={v};" for k, v in sorted(inventory.items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def test_digest(test_set) -> str:
+    """The digest of the test images (ids and sizes): only the test predictions depend on it."""
+    folder = Path(test_set.img_dir)
+    return digest({n: str(os.stat(folder / n).st_size) for n in test_set.img_list})

@@ -12,7 +12,7 @@ import zipfile
 from pathlib import Path
 
 from .files import atomic_path, load_json
-from .submission import SubmissionError, validate_submission
+from .submission import SubmissionError, read_submission, validate_submission
 
 #: Files of the project packed beside the run (the library and how to run it).
 PROJECT_FILES = (
@@ -101,42 +101,50 @@ def collect(run_dir: Path, project: Path) -> dict:
     return files
 
 
-def pack(
-    run_dir: Path | str,
-    out: Path | str | None = None,
-    max_mb: float = 20.0,
-    project: Path | str | None = None,
-    log=print,
-) -> Path | None:
-    """Check the run and write ``<run>/handin.zip``; its path, or None after listing problems."""
+def find_test_dir(run_dir: Path, given: Path | str | None = None) -> tuple[Path | None, str]:
+    """``(test folder or None, how it was found or why not)``: the folder given, else the data
+    root the run recorded (summary.json, then config.json; a demo run's generated folder)."""
+    if given:
+        path = Path(given)
+        return (path, "given") if path.is_dir() else (None, f"{path} (given) does not exist")
+    for name in ("summary.json", "config.json"):
+        record = load_json(run_dir / name) if (run_dir / name).is_file() else {}
+        root = record.get("data_root")
+        if root == "demo":
+            root = record.get("demo_dir")
+        if root:
+            path = Path(root) / "images" / "test-resized"
+            if path.is_dir():
+                return path, f"from {name}"
+            return None, f"{name} names {path}, which is not on this machine"
+    return None, "neither summary.json nor config.json of the run names a data folder"
+
+
+def pack(run_dir: Path | str, out: Path | str | None = None, max_mb: float = 20.0,
+         project: Path | str | None = None, log=print, test_dir: Path | str | None = None,
+         ) -> Path | None:  # fmt: skip
+    """Check the run and write ``<run>/handin.zip``; its path, or None after listing problems.
+
+    The submission must read as strict JSON (no repeated image id) and be valid; when the test
+    folder can be found (``test_dir``, or the data root the run recorded), every test image
+    must have its prediction. When it cannot, the zip is written and the log says plainly
+    that this was not checked, and why.
+    """
     run_dir = Path(run_dir)
     project = Path(project) if project else Path(__file__).resolve().parents[1]
     out = Path(out) if out else run_dir / "handin.zip"
     files = collect(run_dir, project)
-    problems = [
-        f"{name} is missing"
-        for name in (
-            *NOTEBOOKS,
-            "run/submission.json",
-            "run/results.csv",
-            "run/config.json",
-            "run/environment.json",
-        )
-        if name not in files
-    ]
+    required = (*NOTEBOOKS, "run/submission.json", "run/results.csv", "run/config.json",
+                "run/environment.json")  # fmt: skip
+    problems = [f"{name} is missing" for name in required if name not in files]
     if "run/submission.json" in files:
+        folder, how = find_test_dir(run_dir, test_dir)
         try:
-            summary = (
-                load_json(run_dir / "summary.json") if (run_dir / "summary.json").exists() else {}
-            )
-            test_dir = Path(summary.get("data_root", "")) / "images" / "test-resized"
-            validate_submission(
-                load_json(files["run/submission.json"]), test_dir if test_dir.is_dir() else None
-            )
-            if not test_dir.is_dir():
+            validate_submission(read_submission(files["run/submission.json"]), folder)
+            if folder is None:
                 log(
-                    f"note: test folder {test_dir} not found: the submission was checked for "
-                    "its form only"
+                    f"NOT CHECKED: whether every test image has a prediction ({how}); the "
+                    "form of the submission was checked. Give the test folder with --test-dir."
                 )
         except SubmissionError as err:
             problems.append(f"submission.json is not valid: {err}")

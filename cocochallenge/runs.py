@@ -45,9 +45,8 @@ def find_answers(data_root: Path | str) -> Path | None:
     return None
 
 
-def save_model_scores(
-    model, out: Path | str, val_loader, test_loader, device, result: dict, history: list, **kwargs
-) -> dict:
+def save_model_scores(model, out: Path | str, val_loader, test_loader, device, result: dict,
+                      history: list, test_id: str, **kwargs) -> dict:  # fmt: skip
     """Validation and test probabilities of the kept model (plain and flip-TTA), then result.json.
 
     These files are what thresholds, the ensemble, the analysis and the submission are made
@@ -60,7 +59,7 @@ def save_model_scores(
     t0 = time.perf_counter()
     val = predict(model, val_loader, device, tta_flip=True, desc="val (TTA)", **kwargs)
     val_seconds = time.perf_counter() - t0
-    save_test_scores(model, out, test_loader, device, **kwargs)
+    save_test_scores(model, out, test_loader, device, test_id, **kwargs)
     save_npz(
         out / "val_scores.npz",
         probs=val["probs"],
@@ -74,15 +73,21 @@ def save_model_scores(
     return result
 
 
-def save_test_scores(model, out: Path | str, test_loader, device, **kwargs) -> None:
-    """The test images' probabilities (plain and flip-TTA) as ``<out>/test_scores.npz``."""
+def save_test_scores(model, out: Path | str, test_loader, device, test_id: str, **kwargs) -> None:
+    """The test images' probabilities (plain and flip-TTA) as ``<out>/test_scores.npz``, with the
+    digest of the test folder they were computed on (``data.test_digest``)."""
     test = predict(model, test_loader, device, tta_flip=True, desc="test (TTA)", **kwargs)
-    save_npz(
-        Path(out) / "test_scores.npz",
-        probs=test["probs"],
-        probs_tta=test["probs_tta"],
-        stems=np.array(test["stems"]),
-    )
+    save_npz(Path(out) / "test_scores.npz", probs=test["probs"], probs_tta=test["probs_tta"],
+             stems=np.array(test["stems"]), data=np.array(test_id))  # fmt: skip
+
+
+def test_scores_stale(out: Path | str, test_id: str) -> bool:
+    """Whether ``<out>/test_scores.npz`` is missing or was computed on another test folder."""
+    path = Path(out) / "test_scores.npz"
+    if not path.exists():
+        return True
+    with np.load(path) as z:
+        return "data" not in z.files or str(z["data"]) != test_id
 
 
 def load_scores(run_dir: Path | str, name: str, split: str = "val") -> dict:
@@ -250,12 +255,16 @@ def move_aside(run_dir: Path | str, *paths: Path | str, log=print) -> Path | Non
     return dest
 
 
-def check_model(run_dir: Path | str, settings: dict, retrain: bool = False, log=print) -> str:
-    """``new``, ``resume`` or ``done`` for one backbone, after comparing its stored settings.
+def check_model(run_dir: Path | str, settings: dict, retrain: bool = False, log=print,
+                test_id: str | None = None) -> str:  # fmt: skip
+    """``new``, ``resume``, ``done`` or ``new test images`` for one backbone.
 
-    Stops with :class:`StaleRunError` when the folder holds this backbone trained (or half
-    trained) with other settings, unless ``retrain`` is set: then the old files are moved
-    aside and the backbone starts again. Run for every backbone before any training.
+    Its stored settings (training settings, input, the labelled data's digest, the split) are
+    compared with ``settings``. Stops with :class:`StaleRunError` when the folder holds this
+    backbone trained (or half trained) with other settings, unless ``retrain`` is set: then
+    the old files are moved aside and the backbone starts again. A finished backbone whose
+    test scores were computed on another test folder (``test_id``) only needs them again:
+    ``new test images``. Run for every backbone before any training.
     """
     folder = Path(run_dir) / "models" / settings["backbone"]
     path = folder / "settings.json"
@@ -275,4 +284,7 @@ def check_model(run_dir: Path | str, settings: dict, retrain: bool = False, log=
     if diffs or retrain:
         move_aside(run_dir, folder, log=log)
         return "new"
-    return "done" if (folder / "result.json").exists() else "resume"
+    if not (folder / "result.json").exists():
+        return "resume"
+    stale = test_id is not None and test_scores_stale(folder, test_id)
+    return "new test images" if stale else "done"

@@ -21,6 +21,45 @@ class SubmissionError(ValueError):
     """A submission that the leaderboard would reject or misread; nothing was written."""
 
 
+def _no_duplicates(pairs):
+    seen, dupes = {}, []
+    for key, value in pairs:
+        if key in seen:
+            dupes.append(key)
+        seen[key] = value
+    if dupes:
+        raise SubmissionError(
+            f"duplicate image ids {sorted(set(dupes))[:5]}: JSON keeps only the "
+            "last prediction of each, and the leaderboard would score that one"
+        )
+    return seen
+
+
+def read_submission(path: Path | str) -> dict:
+    """Read a submission JSON strictly: a syntax error or a repeated image id is a
+    :class:`SubmissionError` in one worded line, with the position of the error."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise SubmissionError(f"{path}: cannot be read ({err.strerror or err})") from None
+    if not text.strip():
+        raise SubmissionError(f"{path}: the file is empty")
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicates)
+    except json.JSONDecodeError as err:
+        hint = ""
+        if "property name" in err.msg and text[: err.pos].rstrip().endswith(","):
+            hint = " (a comma after the last entry?)"
+        elif "property name" in err.msg or "Expecting value" in err.msg and "'" in text:
+            hint = " (JSON needs double quotes, not single ones)"
+        if err.pos >= len(text.rstrip()):
+            hint = " (the file ends too early: was it cut off?)"
+        raise SubmissionError(
+            f"{path}: not valid JSON at line {err.lineno}, column {err.colno}: {err.msg}{hint}"
+        ) from None
+
+
 def predictions_to_submission(stems, pred: np.ndarray) -> dict:
     """``{file stem: sorted list of class ints}`` from binary predictions ``(N, 80)``."""
     pred = np.asarray(pred).astype(bool)
@@ -84,7 +123,7 @@ def write_submission(sub: dict, path: Path | str, test_dir: Path | str | None = 
     path = Path(path)
     if path.exists():
         try:
-            old = load_json(path)
+            old = read_submission(path)
             if not submission_problems(old):
                 with atomic_path(path.with_name(path.name + ".bak")) as tmp:
                     tmp.write_bytes(path.read_bytes())
@@ -103,7 +142,7 @@ def score_submission(sub: dict | Path | str, answers: dict | Path | str) -> dict
     ``answers``; an image missing from the submission counts as predicted empty. Use it on
     your validation split to rehearse before uploading.
     """
-    sub = load_json(sub) if isinstance(sub, (str, Path)) else sub
+    sub = read_submission(sub) if isinstance(sub, (str, Path)) else sub
     answers = load_json(answers) if isinstance(answers, (str, Path)) else answers
     stems = sorted(answers)
     y = np.zeros((len(stems), NUM_CLASSES), dtype=bool)

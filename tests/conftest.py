@@ -38,19 +38,18 @@ def load_run_data(root, split_path, val_fraction=0.1, seed=0, log=print):
     import types
 
     import helpers as h
-    from cocochallenge import data, split
+    from cocochallenge import data, scan, split
 
     paths = data.data_paths(root)
-    scan = data.scan_data(root)
+    found = scan.scan_data(root)
     train = h.COCOTrainImageDataset(paths["train_images"], paths["train_labels"])
-    data.drop_images(train, scan["skip"])
+    data.drop_images(train, found["skip"])
     test = h.COCOTestImageDataset(paths["test_images"])
     notes = []
     Y = data.labels_of(train, notes)
-    data.report_data(scan, notes, log=log)
+    scan.report_data(found, notes, log=log)
     stems = data.stems(train)
-    data_id = data.data_fingerprint(train, Y, test)
-    tr, va = split.load_or_make_split(stems, Y, split_path, val_fraction, seed, data_id)
-    return types.SimpleNamespace(
-        scan=scan, train=train, test=test, Y=Y, stems=stems, train_idx=tr, val_idx=va
-    )
+    inventory = data.inventory(train, Y)
+    tr, va = split.load_or_make_split(stems, Y, split_path, val_fraction, seed, inventory)
+    return types.SimpleNamespace(scan=found, train=train, test=test, Y=Y, stems=stems,
+                                 inventory=inventory, train_idx=tr, val_idx=va)  # fmt: skip

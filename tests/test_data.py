@@ -113,28 +113,29 @@ def test_split_file_is_reused_and_checked(tmp_path, demo_root):
     p = data.data_paths(demo_root)
     ds = h.COCOTrainImageDataset(p["train_images"], p["train_labels"])
     ds = (data.stems(ds), data.labels_of(ds))
+    inv = {s: "1:0" for s in ds[0]}  # the inventory the split is made with
     path = tmp_path / "split.json"
-    tr, va = split.load_or_make_split(*ds, path, 0.2, seed=0, data_id="abc")
+    tr, va = split.load_or_make_split(*ds, path, 0.2, seed=0, inventory=inv)
     assert path.exists()
-    tr2, va2 = split.load_or_make_split(*ds, path, 0.2, seed=0, data_id="abc")  # same: reused
+    tr2, va2 = split.load_or_make_split(*ds, path, 0.2, seed=0, inventory=inv)  # same: reused
     assert np.array_equal(tr, tr2) and np.array_equal(va, va2)
     before = path.read_bytes()
     with pytest.raises(files.StaleRunError) as err:  # new settings never silently overridden
-        split.load_or_make_split(*ds, path, 0.5, seed=99, data_id="abc")
+        split.load_or_make_split(*ds, path, 0.5, seed=99, inventory=inv)
     msg = str(err.value)
     assert (
         "seed: 0 -> 99" in msg
         and "val_fraction: 0.2 -> 0.5" in msg
         and "RUN_DIR" in msg
-        and "RETRAIN" in msg
+        and "retrain" in msg
     )
     assert path.read_bytes() == before
-    with pytest.raises(files.StaleRunError, match="data: 'abc' -> 'xyz'"):
-        split.load_or_make_split(*ds, path, 0.2, seed=0, data_id="xyz")
+    with pytest.raises(files.StaleRunError, match="labelled images 1 added"):
+        split.load_or_make_split(*ds, path, 0.2, seed=0, inventory={**inv, "x": "1:2"})
     small = (ds[0][:50], ds[1][:50])
     with pytest.raises(files.StaleRunError, match="the data has 50"):
-        split.load_or_make_split(*small, path, 0.2, seed=0, data_id="abc")
-    tr3, va3 = split.load_or_make_split(*ds, path, 0.5, seed=99, data_id="abc", replace=True)
+        split.load_or_make_split(*small, path, 0.2, seed=0, inventory=inv)
+    tr3, va3 = split.load_or_make_split(*ds, path, 0.5, seed=99, inventory=inv, replace=True)
     assert abs(len(va3) / len(ds[0]) - 0.5) < 0.05 and json.loads(path.read_text())["seed"] == 99
 
 

@@ -158,15 +158,17 @@ def test_ensemble_refuses_models_validated_on_other_images(tmp_path):
         runs.compare_models(tmp_path, ["a", "b"])
 
 
-def test_atomic_files_get_the_mode_a_normal_write_gives(tmp_path):
-    old = os.umask(0o022)
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_atomic_files_get_the_mode_a_normal_write_gives(tmp_path, umask):
+    """The umask decides, as for any file the user writes (a hard-coded 0644 fails 077, 002)."""
+    old = os.umask(umask)
     try:
         path = files.save_json({"a": 1}, tmp_path / "x.json")
         (tmp_path / "plain.json").write_text("{}")
     finally:
         os.umask(old)
     mode = stat.S_IMODE(path.stat().st_mode)
-    assert mode == stat.S_IMODE((tmp_path / "plain.json").stat().st_mode) == 0o644
+    assert mode == stat.S_IMODE((tmp_path / "plain.json").stat().st_mode) == 0o666 & ~umask
 
 
 def test_demo_generator_never_deletes_files_it_did_not_write(tmp_path):
