@@ -24,7 +24,10 @@ measures, each time the course's way against the library's:
 4. test inference throughput, without and with flip TTA (``predict``);
 5. peak memory of each part (process RSS; CUDA max allocated on a GPU);
 6. building the training dataset and the split from ``--label-files`` generated ``.cls`` files,
-   in a subprocess so that its peak RSS is its own.
+   in a subprocess so that its peak RSS is its own;
+7. on a CPU, glibc's default allocator against ``config.keep_freed_memory`` (which this process
+   uses unless ``--keep-freed-memory no``): wall, user and system seconds and minor page
+   faults of feature extraction and of a fine-tuning epoch, each in fresh processes.
 
 It prints a table and, as the last line, one JSON object with every figure, the settings and
 pass/fail booleans against the targets. The two ways are timed in alternation, several
@@ -831,6 +834,24 @@ def print_table(res: dict) -> None:
             f"   split {lb['n_train']:,} / {lb['n_val']:,}; {lb['classes_on_both_sides']} of "
             f"{lb['classes_with_2_plus']} classes (>= 2 images) on both sides",
         ]
+    al = res.get("allocator")
+    if al:
+        lines += [
+            "",
+            f"7. The allocator (Lite0, {al['img_size']} px, fresh processes, best of rounds): "
+            f"features of {al['n_feature_images']} images, a fine-tuning epoch of "
+            f"{al['n_train_images']}",
+            f"   {'':26}{'wall s':>8}{'user s':>8}{'sys s':>8}{'minor faults':>14}",
+        ]
+        for mode, label in (("default", "glibc's default"), ("keep", "keep_freed_memory")):
+            for part in ("features", "finetune_epoch"):
+                v = al[mode][part]
+                lines.append(
+                    f"   {label + ', ' + part.replace('_', ' '):26}{fmt(v['wall']):>8}"
+                    f"{fmt(v['user']):>8}{fmt(v['sys']):>8}{v['minor_faults']:>14,}"
+                )
+        lines.append(f"   speed-up: features {fmt(al['speedup']['features'], 2)}x, fine-tuning "
+                     f"epoch {fmt(al['speedup']['finetune_epoch'], 2)}x")  # fmt: skip
     pr = res.get("projection")
     if pr:
         r = pr["run"]
@@ -863,6 +884,73 @@ def print_table(res: dict) -> None:
 # =============================================================================================
 # Main
 # =============================================================================================
+# =============================================================================================
+# 7. The allocator: glibc's default against keeping freed memory (config.keep_freed_memory)
+# =============================================================================================
+def allocator_probe(mode: str, img_size: int, n_features: int, n_train: int, seed: int) -> int:
+    """Run inside a subprocess: feature extraction, then a fine-tuning epoch, each with its wall,
+    user and system seconds and minor page faults; glibc's default or ``keep`` (the fix)."""
+    note = config.keep_freed_memory() if mode == "keep" else "allocator: glibc's default"
+    torch.manual_seed(seed)
+    model, _ = models.build_model("efficientnet_lite0", pretrained=False)
+    model = model.to(memory_format=torch.channels_last)
+    gen = torch.Generator().manual_seed(seed)
+    feats_x = torch.randn(64, 3, img_size, img_size, generator=gen)
+    train_x = torch.randn(32, 3, img_size, img_size, generator=gen)
+    train_y = (torch.rand(32, config.NUM_CLASSES, generator=gen) < 0.04).float()
+    criterion = nn.BCEWithLogitsLoss()
+    groups = models.param_groups(model, 1e-4, 0.1)
+    optimizer = training.make_optimizer(groups, torch.device("cpu"), 1e-4)
+    model.train()
+    h.train_loop([(train_x, train_y)], model, criterion, optimizer, "cpu")  # warm-up: not timed
+
+    def timed(fn):
+        r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        fn()
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        return {
+            "wall": time.perf_counter() - t0,
+            "user": r1.ru_utime - r0.ru_utime,
+            "sys": r1.ru_stime - r0.ru_stime,
+            "minor_faults": r1.ru_minflt - r0.ru_minflt,
+        }
+
+    def extract():
+        with torch.inference_mode():
+            for _ in range(max(1, n_features // 64)):
+                model.backbone.eval()(feats_x)
+
+    def epoch():
+        batches = [(train_x, train_y)] * max(1, n_train // 32)
+        h.train_loop(batches, model, criterion, optimizer, "cpu")
+
+    print(json.dumps({"mode": mode, "note": note, "features": timed(extract),
+                      "finetune_epoch": timed(epoch)}))  # fmt: skip
+    return 0
+
+
+def bench_allocator(args) -> dict:
+    """Each mode in fresh processes (the setting acts on a whole process), in alternation."""
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    n_features, n_train = (64, 32) if args.quick else (640, 320)
+    runs = {"default": [], "keep": []}
+    for _ in range(max(1, args.rounds - 1)):
+        for mode in runs:
+            cmd = [sys.executable, str(ROOT / "benchmark.py"), "--allocator-probe", mode,
+                   "--img-size", str(args.img_size), "--seed", str(args.seed),
+                   "--probe-sizes", f"{n_features},{n_train}"]  # fmt: skip
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+            runs[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    res = {"n_feature_images": n_features, "n_train_images": n_train, "img_size": args.img_size}
+    for mode, rounds in runs.items():
+        res[mode] = {part: min((r[part] for r in rounds), key=lambda x: x["wall"])
+                     for part in ("features", "finetune_epoch")}  # fmt: skip
+        res[mode]["note"] = rounds[0]["note"]
+    res["speedup"] = {part: ratio(res["default"][part]["wall"], res["keep"][part]["wall"])
+                      for part in ("features", "finetune_epoch")}  # fmt: skip
+    return res
+
+
 QUICK = {
     "n_images": 32,
     "n_val": 16,
@@ -900,7 +988,7 @@ DEVICE_DEFAULTS = {  # cpu, cuda
         "convnext_tiny,efficientnet_v2_s,mobilenet_v3_large,efficientnet_lite0",
     ),
 }
-SECTIONS = ("frozen", "loader", "finetune", "labels")
+SECTIONS = ("frozen", "loader", "finetune", "labels", "allocator")
 
 
 def parse_args(argv=None):
@@ -969,8 +1057,13 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny sizes: under a minute on a CPU")
     p.add_argument("--labels-worker", help=argparse.SUPPRESS)
+    p.add_argument("--allocator-probe", choices=("default", "keep"), help=argparse.SUPPRESS)
+    p.add_argument("--probe-sizes", default="640,320", help=argparse.SUPPRESS)
+    p.add_argument("--keep-freed-memory", default="yes", choices=("yes", "no"),
+                   help="keep freed memory for reuse in this process (config.keep_freed_memory; "
+                   "'no' to measure without)")  # fmt: skip
     args = p.parse_args(argv)
-    if args.labels_worker:
+    if args.labels_worker or args.allocator_probe:
         return args
     args.device = config.pick_device(args.device)
     cuda = args.device.type == "cuda"
@@ -1040,6 +1133,7 @@ def run(args) -> dict:
         "finetune": None,
         "inference": None,
         "labels": None,
+        "allocator": None,
         "projection": None,
     }
     memory = {}
@@ -1088,6 +1182,8 @@ def run(args) -> dict:
             with Section("labels", device, memory):
                 res["labels"] = bench_labels(args, workdir)
             memory["labels"]["subprocess_peak_rss_mb"] = res["labels"]["peak_rss_mb"]
+        if "allocator" in args.sections and device.type == "cpu":
+            res["allocator"] = bench_allocator(args)
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -1153,6 +1249,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.labels_worker:
         return labels_worker(args.labels_worker, 0.1, args.seed)
+    if args.allocator_probe:
+        n_features, n_train = (int(v) for v in args.probe_sizes.split(","))
+        return allocator_probe(args.allocator_probe, args.img_size or 224, n_features, n_train,
+                               args.seed)  # fmt: skip
+    if args.keep_freed_memory == "yes":
+        print(config.keep_freed_memory(), flush=True)
     res = run(args)
     print_table(res)
     line = json.dumps(res, default=files._json_default)

@@ -36,6 +36,9 @@ NBVAL = {
 
 for _key, _value in NBVAL.items():
     os.environ.setdefault(_key, _value)
+# the kernels and subprocesses keep freed memory from their start (config.keep_freed_memory)
+os.environ.setdefault("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=2147483647:"
+                      "glibc.malloc.trim_threshold=2147483647")  # fmt: skip
 # the start-up scan remembers image verdicts: the tests' go to a throw-away folder
 os.environ.setdefault("XDG_CACHE_HOME", str(_DIR / "cache"))
 os.environ.setdefault("COCO_HEADLESS", "1")

@@ -116,6 +116,7 @@ def run(
 ) -> dict:
     """Fit the recipe on ``data_root`` into ``run_dir``; write the submission; its summary."""
     t_start = time.perf_counter()
+    log(config.keep_freed_memory())
     cfg, _ = config.settings(
         {
             "DATA_ROOT": str(data_root),

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
+KEEP = 2**31 - 1  # cocochallenge.config.KEEP_BELOW, without importing torch at start-up
 
 #: The demo run of the README: the offline Lite0 on generated demo data, about six minutes on
 #: a 2-core CPU.
@@ -51,6 +52,8 @@ def kernel_environment() -> dict:
         # idle OpenMP threads sleep instead of spinning: on a 2-core CPU shared with loader
         # workers the spinning doubled a fine-tuning epoch's user time
         "OMP_WAIT_POLICY": "PASSIVE",
+        # glibc keeps freed memory from the kernel's first allocation on (config.keep_freed_memory)
+        "GLIBC_TUNABLES": f"glibc.malloc.mmap_threshold={KEEP}:glibc.malloc.trim_threshold={KEEP}",
     }
 
 
@@ -163,6 +166,9 @@ def main(argv=None) -> int:
         for key in stray:
             del os.environ[key]
     os.environ.update(kernel_environment())
+    from cocochallenge.config import keep_freed_memory
+
+    keep_freed_memory()  # the CPU recipe runs in this process
     if not args.quiet:
         print("parameters:", params, flush=True)
 

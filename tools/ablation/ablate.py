@@ -51,8 +51,8 @@ from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
 from sklearn.metrics import average_precision_score, f1_score
 from sklearn.model_selection import KFold
 
+from cocochallenge import config, models
 from cocochallenge import metrics as cm
-from cocochallenge import models
 
 C_GRID = [0.01, 0.03, 0.1, 0.3, 1.0]
 DEFAULTS = {
@@ -353,6 +353,7 @@ def main():
     )
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    print(config.keep_freed_memory(), flush=True)
     torch.set_num_threads(args.threads)
     out = work_dir(args.dir)
     feats = Path(args.feats) if args.feats else out / "feats"

@@ -27,7 +27,7 @@ from common import (
     work_dir,
 )
 
-from cocochallenge import data, models, transforms
+from cocochallenge import config, data, models, transforms
 
 NORMS = {
     "half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
@@ -76,6 +76,7 @@ def main():
     )
     ap.add_argument("--force", action="store_true")
     args = ap.parse_args()
+    print(config.keep_freed_memory(), flush=True)
     torch.set_num_threads(args.threads)
     out = work_dir(args.dir)
     feats = out / "feats"

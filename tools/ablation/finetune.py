@@ -88,6 +88,7 @@ def main():
     ap.add_argument("--variants", default="bn_frozen,bn_train")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
+    print(config.keep_freed_memory(), flush=True)
     out = work_dir(args.dir)
     args.out = args.out or str(out / "results_per_seed.csv")
     paths = data.data_paths(args.data)
