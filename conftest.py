@@ -12,7 +12,7 @@ import os
 import tempfile
 from pathlib import Path
 
-_DIR = Path(tempfile.gettempdir()) / f"coco-nbval-{os.getpid()}"
+_DIR = Path(tempfile.mkdtemp(prefix="coco-nbval-"))  # a fresh folder for each test session
 
 #: Two offline backbones, so that the comparison, the ensemble and the paired intervals run;
 #: tiny inputs and epochs, so that both notebooks run in about a minute on a 2-core CPU.

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .checkpoints import PhaseCheckpoint
+from .compare import compare, cross_fitted
 from .data import data_paths, read_label_matrix
 from .files import load_json
 from .metrics import (
@@ -24,7 +26,7 @@ from .metrics import (
     evaluate_predictions,
     tune_thresholds,
 )
-from .runs import load_scores
+from .runs import BASELINE, load_scores
 
 #: The measurements behind the notebook's defaults (tools/ablation/README.md), in the project.
 EVIDENCE = Path(__file__).resolve().parents[1] / "tools" / "ablation" / "evidence.csv"
@@ -100,6 +102,20 @@ class RunArtifacts:
         }
         self.global_thresholds = {m: float(self.saved_thresholds[m]["global"]) for m in self.models}
         self.data_root = Path(self.summary.get("data_root") or self.config.get("data_root") or ".")
+        # the best frozen head's validation probabilities (no flip), beside the kept model's
+        self.frozen_probs = {}
+        for name in self.names:
+            probs = PhaseCheckpoint(self.run_dir / "models" / name, "frozen", {}).best_val_probs()
+            if probs is not None:
+                self.frozen_probs[name] = np.asarray(probs)
+        baseline = self.run_dir / BASELINE / "val_scores.npz"
+        self.baseline = None
+        if baseline.is_file():
+            with np.load(baseline) as z:
+                self.baseline = {
+                    "probs": z["probs"],
+                    **load_json(baseline.with_name("result.json")),
+                }
 
     def chosen(self, name: str = "") -> str:
         """``name`` if given (checked), else the model the challenge notebook submitted."""
@@ -417,3 +433,165 @@ def points_lost(report: pd.DataFrame) -> pd.DataFrame:
     out["lost recall"] = w * (1 - report["recall"])
     out["lost total"] = out["lost precision"] + out["lost recall"]
     return out[has].sort_values("lost total", ascending=False)
+
+
+def study(
+    run: RunArtifacts, n_boot: int = 1000, seed: int = 0
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The networks, the ensemble and the course's recipe on the same validation images.
+
+    ``(table, differences)`` of :func:`compare.compare`: held-out course F1, macro F1 and mAP
+    with 90% paired-bootstrap intervals, then parameters, training minutes and images/s.
+    The course's recipe is scored as the course scores it (raw output > 0.5: nothing tuned).
+    """
+    models = {m: {"preds": cross_fitted(run.targets, run.probs[m], run.shrink, run.at_least_one),
+                  "probs": run.probs[m]} for m in run.models}  # fmt: skip
+    if run.baseline is not None:
+        raw = apply_thresholds(run.baseline["probs"], COURSE_LOGIT_THRESHOLD_AS_PROB)
+        models["course recipe"] = {"preds": [raw], "probs": run.baseline["probs"]}
+    table, diffs = compare(run.targets, models, n_boot, seed)
+    for m in table.index:
+        members = run.names if m == "ensemble" else [m] if m in run.results else []
+        res = [run.results[n] for n in members]
+        speed = [r.get("val_images_per_second") or np.nan for r in res]
+        table.loc[m, "params (M)"] = sum(r["parameters"] for r in res) / 1e6 if res else np.nan
+        table.loc[m, "train (min)"] = sum(r["train_seconds"] for r in res) / 60 if res else np.nan
+        table.loc[m, "images/s"] = 1.0 / sum(1.0 / v for v in speed) if res else np.nan
+    return table, diffs
+
+
+def frozen_against_finetuned(run: RunArtifacts, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Per network: the best frozen head against the kept fine-tuned model, paired, without flip.
+
+    Both are scored on the plain validation images (the frozen phase saw no mirror), so the
+    difference is what fine-tuning bought. Networks whose kept model is the frozen head, or
+    whose frozen scores were not saved, are left out.
+    """
+    rows = []
+    for name in run.names:
+        if name not in run.frozen_probs or not run.results[name]["best_phase"].startswith("fine"):
+            continue
+        pair = {phase: {"preds": cross_fitted(run.targets, probs, run.shrink, run.at_least_one),
+                        "probs": probs}
+                for phase, probs in (("frozen", run.frozen_probs[name]),
+                                     ("fine-tuned", run.val[name]["probs"]))}  # fmt: skip
+        table, diffs = compare(run.targets, pair, n_boot, seed, reference="frozen")
+        d = diffs.loc["fine-tuned - frozen"]
+        rows.append({"network": name, "frozen course F1": table.loc["frozen", "course F1"],
+                     "fine-tuned course F1": table.loc["fine-tuned", "course F1"],
+                     "gain": d["course F1"], "gain lo": d["course F1 lo"],
+                     "gain hi": d["course F1 hi"], "beyond noise": d["course F1 beyond noise"],
+                     "frozen mAP": table.loc["frozen", "mAP"],
+                     "fine-tuned mAP": table.loc["fine-tuned", "mAP"], "mAP gain": d["mAP"],
+                     "mAP gain lo": d["mAP lo"], "mAP gain hi": d["mAP hi"]})  # fmt: skip
+    return pd.DataFrame(rows).set_index("network") if rows else pd.DataFrame()
+
+
+def with_intervals(table: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
+    """Each score shown as ``value [lo, hi]``; other columns as they are."""
+    out = pd.DataFrame(index=table.index)
+    for col in table.columns:
+        if col.endswith((" lo", " hi")):
+            continue
+        if f"{col} lo" in table:
+            bounds = zip(table[col], table[f"{col} lo"], table[f"{col} hi"])
+            out[col] = [
+                f"{v:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]" for v, lo, hi in bounds
+            ]
+        else:
+            out[col] = table[col]
+    return out
+
+
+def grad_cam(model, images, classes) -> np.ndarray:
+    """Where the network looks: Grad-CAM maps ``(N, H, W)`` in [0, 1], one per image and class.
+
+    The feature map of the backbone's last stage (:func:`models.cam_layer`), weighted per
+    channel by the mean gradient of the class's logit, summed, kept where positive, scaled to
+    the image: Selvaraju et al. (2017), written here in a few lines instead of a dependency.
+    """
+    import torch
+
+    from .models import cam_layer
+
+    layer, kept = cam_layer(model), {}
+    hook = layer.register_forward_hook(lambda m, i, o: kept.update(maps=o))
+    model.eval()
+    try:
+        x = images.clone().requires_grad_(True)  # gradients reach the map whatever is frozen
+        with torch.enable_grad():
+            logits = model(x)
+            maps = kept["maps"]
+            picked = logits[torch.arange(len(x)), torch.as_tensor(classes)].sum()
+            grads = torch.autograd.grad(picked, maps)[0]
+    finally:
+        hook.remove()
+    weights = grads.mean((2, 3), keepdim=True)
+    cam = torch.relu((weights * maps).sum(1, keepdim=True)).detach()
+    cam = torch.nn.functional.interpolate(cam, size=images.shape[-2:], mode="bilinear")[:, 0]
+    top = cam.flatten(1).max(1).values.clamp_min(1e-12)[:, None, None]
+    return (cam / top).numpy()
+
+
+def confident_errors(targets: np.ndarray, probs: np.ndarray, thresholds, n: int = 4) -> list:
+    """``[(row, class, "FP" or "FN")]``: the most confident false positives and the most
+    confidently missed positives (lowest probability) of a model, half each, worst first."""
+    y = np.asarray(targets).astype(bool)
+    pred = apply_thresholds(probs, thresholds)
+    rows, cols = np.nonzero(pred & ~y)
+    fps = sorted(zip(rows, cols), key=lambda rc: -probs[rc])[: (n + 1) // 2]
+    rows, cols = np.nonzero(~pred & y)
+    fns = sorted(zip(rows, cols), key=lambda rc: probs[rc])[: n // 2]
+    return [(int(r), int(c), "FP") for r, c in fps] + [(int(r), int(c), "FN") for r, c in fns]
+
+
+def cams_for(run: RunArtifacts, name: str, errors: list, device: str = "cpu") -> tuple:
+    """``(images as the network saw them, Grad-CAM maps)`` of the kept model ``name`` for each
+    ``(row, class, kind)`` of ``errors`` (images of the run's data folder, its input size)."""
+    import torch
+    from PIL import Image
+
+    from .models import build_model, preprocess_for
+    from .runs import load_kept_model
+    from .transforms import build_transform
+
+    pre = preprocess_for(name, int(run.config.get("img_size", 0) or 0))
+    model, _ = build_model(name, dropout=float(run.config.get("dropout", 0.2)))
+    model = load_kept_model(run.run_dir, name, model).to(device)
+    transform = build_transform(pre, pad=bool(run.config.get("pad", False)))
+    pictures = [Image.open(run.image_path(run.stems[r])).convert("RGB") for r, _, _ in errors]
+    x = torch.stack([transform(p) for p in pictures]).to(device)
+    maps = grad_cam(model, x, [c for _, c, _ in errors])
+    size = (pre["size"], pre["size"])
+    return [p.resize(size) for p in pictures], maps
+
+
+def key_numbers(run: RunArtifacts, study: pd.DataFrame, differences: pd.DataFrame,
+                phases: pd.DataFrame, steps: pd.DataFrame) -> pd.DataFrame:  # fmt: skip
+    """The numbers a conclusion draws on, each with its interval where it has one, as text.
+
+    Written as the notebook shows them (3 decimals), so that the prose quoting them can be
+    checked against this table (tests/test_layout.py reads the committed notebook).
+    """
+    f = lambda v: f"{v:.3f}"  # noqa: E731
+    span = lambda t, r, k: f"{f(t.loc[r, k])} [{f(t.loc[r, k + ' lo'])}, {f(t.loc[r, k + ' hi'])}]"  # noqa: E731
+    rows = {"validation images": str(len(run.stems))}
+    for m in study.index:
+        rows[f"{m}: held-out course F1"] = span(study, m, "course F1")
+        rows[f"{m}: macro F1"] = span(study, m, "macro F1")
+        rows[f"{m}: mAP"] = span(study, m, "mAP")
+    for d in differences.index:
+        noise = "beyond noise" if differences.loc[d, "course F1 beyond noise"] else "within noise"
+        rows[f"{d}: course F1"] = f"{span(differences, d, 'course F1')} ({noise})"
+    for n in phases.index:
+        noise = "beyond noise" if phases.loc[n, "beyond noise"] else "within noise"
+        rows[f"{n}: fine-tuning gain, course F1"] = (
+            f"{f(phases.loc[n, 'gain'])} [{f(phases.loc[n, 'gain lo'])}, "
+            f"{f(phases.loc[n, 'gain hi'])}] ({noise})"
+        )
+        rows[f"{n}: fine-tuning gain, mAP"] = f(phases.loc[n, "mAP gain"])
+    for step in steps.index:
+        rows[f"step '{step}': course F1"] = f(steps.loc[step, "course F1"])
+        if np.isfinite(steps.loc[step, "held-out"]):
+            rows[f"step '{step}': held out"] = f(steps.loc[step, "held-out"])
+    return pd.Series(rows, name="value").to_frame()

@@ -73,22 +73,24 @@ class PhaseCheckpoint:
         log(f"[{self.phase}] resuming after epoch {start} from {self.last_path.name}")
         return start
 
-    def save(
-        self, epoch: int, row: dict, score: float, best_module: torch.nn.Module | None = None
-    ) -> bool:
+    def save(self, epoch: int, row: dict, score: float, best_module: torch.nn.Module | None = None,
+             val_probs=None) -> bool:  # fmt: skip
         """Record a finished epoch (0-based): best model if improved, then the full state.
 
         ``best_module`` is what the best checkpoint keeps when it is not ``state['model']``
         itself: the moving average of its weights, when that scored higher this epoch.
+        ``val_probs``, the validation probabilities of what it keeps, goes with it: the
+        analysis compares the phases on them (:func:`best_val_probs`).
         """
         self.history.append(row)
         improved = score > self.best
         if improved:
             self.best, self.best_epoch = score, epoch + 1
             module = best_module if best_module is not None else self.state["model"]
-            torch_save_atomic(
-                {"model": module.state_dict(), "epoch": epoch + 1, "score": score}, self.best_path
-            )
+            probs = None if val_probs is None else torch.as_tensor(val_probs)
+            best = {"model": module.state_dict(), "epoch": epoch + 1, "score": score,
+                    "val_probs": probs}  # fmt: skip
+            torch_save_atomic(best, self.best_path)
         torch_save_atomic(
             {
                 "state": {
@@ -103,6 +105,13 @@ class PhaseCheckpoint:
             self.last_path,
         )
         return improved
+
+    def best_val_probs(self):
+        """The validation probabilities of the best epoch, or None (not saved, or no epoch)."""
+        if not self.best_path.exists():
+            return None
+        probs = torch.load(self.best_path, map_location="cpu", weights_only=True).get("val_probs")
+        return None if probs is None else probs.numpy()
 
     def load_best(self, module: torch.nn.Module) -> None:
         """Put the best epoch's weights into ``module`` (the one ``state['model']`` was)."""

@@ -338,6 +338,19 @@ def param_groups(
     return [g for g in groups if g["params"]]
 
 
+def cam_layer(model: MultiLabelNet) -> nn.Module:
+    """The backbone's last feature map before pooling, where Grad-CAM looks.
+
+    timm's EfficientNet-Lite: its last BatchNorm-activation; torchvision's MobileNet,
+    EfficientNet and ConvNeXt: their ``features``; ResNet: its ``layer4``.
+    """
+    backbone = model.backbone
+    for name in ("bn2", "features", "layer4"):
+        if hasattr(backbone, name):
+            return getattr(backbone, name)
+    raise ValueError(f"no known last feature map in {type(backbone).__name__}")
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

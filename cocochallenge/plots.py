@@ -77,23 +77,26 @@ def plot_history(run_dir: Path | str, names: list[str], save: bool = True):
                 fontsize=8,
                 color="dimgrey",
             )
-    for ax in axes[:2]:  # below the axes: clear of the phase labels and the curves
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0, -0.16), ncol=2, frameon=False)
-    fig.tight_layout()
+    handles, labels = axes[1].get_legend_handles_labels()  # one legend for the three panels
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=10,
+               frameon=False, bbox_to_anchor=(0.5, -0.02))  # fmt: skip
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     if save:
         fig.savefig(Path(run_dir) / "training_curves.png", dpi=100)
     return fig
 
 
-def save_figure(fig, run_dir: Path | str, name: str, dpi: int = 110) -> Path:
-    """Save ``fig`` as ``<run_dir>/figures/<name>.png`` (atomically) and return the path.
+def save_figure(fig, run_dir: Path | str, name: str, dpi: int = 110, fmt: str = "png") -> Path:
+    """Save ``fig`` as ``<run_dir>/figures/<name>.<fmt>`` (atomically) and return the path.
 
     A handed-in notebook's figures are also wanted as files (report, slides), and one folder
-    per run keeps them beside the scores they were drawn from.
+    per run keeps them beside the scores they were drawn from. Figures of photos are best
+    saved as ``jpg``: a tenth of the PNG's size for the same look.
     """
-    path = Path(run_dir) / "figures" / f"{name}.png"
+    path = Path(run_dir) / "figures" / f"{name}.{fmt}"
+    extra = {"pil_kwargs": {"quality": 80}} if fmt == "jpg" else {}
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
+        fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight", **extra)
     return path
 
 
@@ -481,28 +484,33 @@ def plot_error_grid(
     return fig
 
 
-def plot_cooccurrence(matrices: dict):
-    """The co-occurrence matrices side by side, all 80 class names on both axes.
+def plot_cooccurrence(matrices: dict, classes=None):
+    """The co-occurrence matrices side by side, on ``classes`` (indices; default all 80).
 
     A square-root colour scale, so that the many weak pairs stay visible next to the strong
-    ones (dining table with cup, fork, knife).
+    ones (dining table with cup, fork, knife). Thirty classes keep their names legible at a
+    notebook's width; 80 do not.
     """
     import matplotlib.pyplot as plt
     from matplotlib.colors import PowerNorm
 
     k = max(len(matrices), 1)
-    fig, axes = plt.subplots(1, k, figsize=(10 * k + 1, 10.5), squeeze=False, layout="constrained")
+    keep = np.arange(len(CLASSES)) if classes is None else np.asarray(classes)
+    fig, axes = plt.subplots(1, k, figsize=(6.5 * k + 1, 6.8), squeeze=False, layout="constrained")
     im = None
     for ax, (title, P) in zip(axes[0], matrices.items()):
+        P = np.asarray(P)[np.ix_(keep, keep)]
         im = ax.imshow(
             np.ma.masked_invalid(P),
             cmap="viridis",
             norm=PowerNorm(0.5, vmin=0, vmax=1),
             interpolation="nearest",
         )
-        ticks = np.arange(P.shape[0])
-        ax.set_xticks(ticks, CLASSES[: P.shape[0]], rotation=90, fontsize=5)
-        ax.set_yticks(ticks, CLASSES[: P.shape[0]], fontsize=5)
+        ticks = np.arange(len(keep))
+        names = [CLASSES[c] for c in keep]
+        size = 8 if len(keep) <= 40 else 5
+        ax.set_xticks(ticks, names, rotation=90, fontsize=size)
+        ax.set_yticks(ticks, names, fontsize=size)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("also in the image: class j")
         ax.set_ylabel("images with class i")
@@ -538,5 +546,56 @@ def plot_label_counts(table: pd.DataFrame, cap: int = 10):
     ax.set_xlabel("predicted labels per image")
     ax.set_ylabel("true labels per image")
     ax.set_title("images by number of true and predicted labels (dashed: equal)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_cost_accuracy(table: pd.DataFrame, cost: str = "train (min)"):
+    """Held-out course F1 (with its 90% interval) against a cost, one point per model.
+
+    The marker's area grows with the parameters; a model up and to the left is both better
+    and cheaper. Models without the cost (the course's recipe trains no backbone) sit at
+    the left edge, marked as such.
+    """
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    known = table[cost].dropna()
+    left = known.min() * 0.5 if len(known) else 0.1
+    for name, row in table.iterrows():
+        x = row[cost] if np.isfinite(row[cost]) else left
+        y, lo, hi = row["course F1"], row["course F1 lo"], row["course F1 hi"]
+        size = 40 + 8 * (row.get("params (M)") if np.isfinite(row.get("params (M)", np.nan)) else 0)
+        ax.errorbar(x, y, yerr=[[y - lo], [hi - y]], fmt="none", ecolor="grey", capsize=3)
+        ax.scatter([x], [y], s=size, zorder=3)
+        label = name if np.isfinite(row[cost]) else f"{name} (no backbone trained)"
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(8, 4), fontsize=10)
+    ax.set_xscale("log")
+    ax.set_xlabel(f"{cost} (log scale)")
+    ax.set_ylabel("held-out course F1 (90% interval)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_cams(images, cams: dict, captions: list[str], titles: list[str] | None = None):
+    """Each image beside the Grad-CAM map of every model over it (rows: images)."""
+    import matplotlib.pyplot as plt
+
+    n, k = len(images), len(cams)
+    fig, axes = plt.subplots(max(n, 1), k + 1, figsize=(3 * (k + 1), 3.1 * max(n, 1)),
+                             squeeze=False)  # fmt: skip
+    for i, img in enumerate(images):
+        axes[i, 0].imshow(img)
+        axes[i, 0].set_title(captions[i], fontsize=9)
+        for j, (model, maps) in enumerate(cams.items(), 1):
+            axes[i, j].imshow(img)
+            axes[i, j].imshow(
+                maps[i], cmap="jet", alpha=0.45, extent=(0, img.size[0], img.size[1], 0)
+            )
+            axes[i, j].set_title(model if titles is None else titles[j - 1], fontsize=9)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
     fig.tight_layout()
     return fig

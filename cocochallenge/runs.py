@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .checkpoints import PhaseCheckpoint
 from .config import environment_report
 from .files import (
     StaleRunError,
@@ -88,6 +89,30 @@ def test_scores_stale(out: Path | str, test_id: str) -> bool:
         return True
     with np.load(path) as z:
         return "data" not in z.files or str(z["data"]) != test_id
+
+
+def load_kept_model(run_dir: Path | str, name: str, model):
+    """Put the weights a finished backbone kept into ``model`` (a fresh build of it): the whole
+    network after fine-tuning (raw weights or their average), else the best frozen head."""
+    out = Path(run_dir) / "models" / name
+    if load_json(out / "result.json")["best_phase"].startswith("finetune"):
+        PhaseCheckpoint(out, "finetune", {}).load_best(model)
+    else:
+        PhaseCheckpoint(out, "frozen", {}).load_best(model.head)
+    return model
+
+
+#: Where the course's recipe, trained as a baseline by challenge.ipynb, keeps its scores.
+BASELINE = "course_recipe"
+
+
+def save_baseline(run_dir: Path | str, results: dict, targets, steps: int, epochs: int) -> None:
+    """The course recipe's validation scores (``validation_loop`` with ``keep_probs``)."""
+    out = Path(run_dir) / BASELINE
+    save_npz(out / "val_scores.npz", probs=results["probs"], targets=np.asarray(targets))
+    save_json({"course_f1": float(results["f1"]), "precision": float(results["precision"]),
+               "recall": float(results["recall"]), "steps": steps, "epochs": epochs,
+               "threshold": "raw output > 0.5"}, out / "result.json")  # fmt: skip
 
 
 def load_scores(run_dir: Path | str, name: str, split: str = "val") -> dict:

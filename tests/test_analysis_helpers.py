@@ -8,8 +8,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
-from cocochallenge import analysis, files, metrics, plots, runs  # noqa: E402
+from cocochallenge import analysis, checkpoints, files, metrics, plots, runs  # noqa: E402
 from cocochallenge.config import NUM_CLASSES as C  # noqa: E402
 
 
@@ -44,8 +45,14 @@ def run_dir(tmp_path):
                 "train_seconds": 60.0 * (k + 1),
                 "parameters": 1_000_000 * (k + 2),
                 "val_images_per_second": 100.0 / (k + 1),
+                "best_phase": "finetune",
             },
             out / "result.json",
+        )
+        # the best frozen head's validation scores, as the epoch loop keeps them: worse
+        frozen = np.clip(q + rng.normal(0, 0.3, p.shape), 1e-4, 1 - 1e-4).astype(np.float32)
+        checkpoints.PhaseCheckpoint(out, "frozen", {"model": torch.nn.Linear(2, 2)}).save(
+            0, {}, 0.5, val_probs=frozen
         )
         files.save_json(
             [
@@ -67,6 +74,8 @@ def run_dir(tmp_path):
         {"backbones": names, "tta": True, "at_least_one": True, "shrink": 10, "data_root": ""},
         tmp_path / "config.json",
     )
+    course = {"probs": np.full_like(p, 0.1), "f1": 0.0, "precision": 0.0, "recall": 0.0}
+    runs.save_baseline(tmp_path, course, y, steps=10, epochs=5)
     files.save_json(
         {"chosen": "ensemble", "data_root": str(tmp_path / "nowhere"), "demo": True},
         tmp_path / "summary.json",
@@ -333,3 +342,24 @@ def test_points_lost_add_up_to_the_course_metric():
     assert lost["lost precision"].sum() == pytest.approx(1 - ref["precision"], abs=1e-9)
     assert lost["lost recall"].sum() == pytest.approx(1 - ref["recall"], abs=1e-9)
     assert lost["lost total"].is_monotonic_decreasing and (lost["support"] > 0).all()
+
+
+def test_the_study_scores_every_model_with_intervals_and_the_course_recipe(run_dir):
+    """The comparison of section 2: every network, the ensemble and the course's recipe on the
+    same images; fine-tuning against the frozen heads; the key numbers the prose quotes."""
+    run = analysis.RunArtifacts(run_dir)
+    study, diffs = analysis.study(run, n_boot=200)
+    assert list(study.index) == ["m_a", "m_b", "ensemble", "course recipe"]
+    assert np.isnan(study.loc["course recipe", "train (min)"])
+    for key in ("course F1", "macro F1", "mAP"):
+        assert (study[f"{key} lo"] <= study[key]).all() and (study[key] <= study[f"{key} hi"]).all()
+    best = study["course F1"].idxmax()
+    assert all(name.endswith(f" - {best}") for name in diffs.index) and len(diffs) == 3
+    assert diffs.loc[f"course recipe - {best}", "course F1 beyond noise"]  # it predicts nothing
+    phases = analysis.frozen_against_finetuned(run, n_boot=200)
+    assert list(phases.index) == ["m_a", "m_b"] and (phases["gain"] > 0).all()
+    steps = analysis.threshold_steps(run.targets, run.val["m_a"]["probs"], None, None)
+    key = analysis.key_numbers(run, study, diffs, phases, steps)
+    text = key.to_string()
+    assert f"{study.loc['m_a', 'course F1']:.3f}" in text and "beyond noise" in text
+    assert key.loc["validation images", "value"] == str(len(run.stems))

@@ -1,0 +1,106 @@
+"""The comparison of networks: its scores against the library's metric, its intervals, Grad-CAM."""
+
+import numpy as np
+import pytest
+import torch
+
+from cocochallenge import compare, metrics
+
+pytestmark = pytest.mark.quick
+
+
+def _data(n=120, seed=0, noise=1.0):
+    rng = np.random.default_rng(seed)
+    y = (rng.random((n, 80)) < np.geomspace(0.4, 0.02, 80)).astype(np.uint8)
+    y[np.arange(80) % n, np.arange(80)] = 1
+    logits = rng.normal(-2.0, noise, y.shape) + 2.5 * y
+    return y, (1 / (1 + np.exp(-logits))).astype(np.float32)
+
+
+def test_scores_on_the_whole_set_are_the_library_metrics():
+    y, p = _data()
+    pred = metrics.apply_thresholds(p, 0.3, at_least_one=True)
+    full = np.ones((1, len(y)), np.float32)
+    got = compare.scores(y, [pred], p, full)
+    ref = metrics.evaluate_predictions(y, pred.astype(float), 0.5)
+    assert got["course F1"][0] == pytest.approx(ref["course_f1"], abs=1e-9)
+    assert got["macro F1"][0] == pytest.approx(ref["macro_f1"], abs=1e-9)
+    assert got["mAP"][0] == pytest.approx(metrics.mean_average_precision(y, p), abs=1e-6)
+
+
+def test_a_resample_scores_as_the_images_it_draws():
+    """Weights of 2 on an image are that image twice: the scores of the duplicated set."""
+    y, p = _data(60, seed=1)
+    pred = metrics.apply_thresholds(p, 0.4)
+    w = np.random.default_rng(2).integers(0, 3, len(y)).astype(np.float32)
+    idx = np.repeat(np.arange(len(y)), w.astype(int))
+    got = compare.scores(y, [pred], p, w[None, :])
+    assert got["course F1"][0] == pytest.approx(
+        metrics.course_f1(y[idx], pred[idx])["f1"], abs=1e-9
+    )
+    assert got["mAP"][0] == pytest.approx(metrics.mean_average_precision(y[idx], p[idx]), abs=1e-6)
+    W = compare.resamples(50, 200, seed=0)
+    assert W.shape == (200, 50) and (W.sum(1) == 50).all()
+
+
+def test_cross_fitted_predictions_never_use_their_own_labels():
+    """Each image's prediction comes from thresholds tuned on the other half: changing the
+    labels of one half changes the predictions of the other half only."""
+    y, p = _data(100, seed=3)
+    a = compare.cross_fitted(y, p, repeats=1, seed=0)[0]
+    half = next(iter(metrics.random_halves(len(y), 1, 0)))[0]
+    y2 = y.copy()
+    y2[half] = 1 - y2[half]
+    b = compare.cross_fitted(y2, p, repeats=1, seed=0)[0]
+    assert np.array_equal(a[half], b[half]) and not np.array_equal(a[~half], b[~half])
+
+
+def test_differences_are_paired_and_say_when_they_are_noise():
+    y, p = _data(150, seed=4)
+    sharper = np.clip(p + 0.4 * (y - 0.5), 0, 1)  # clearly better on every class
+    same = p.copy()
+    models = {m: {"preds": compare.cross_fitted(y, q, repeats=2), "probs": q}
+              for m, q in (("base", p), ("same", same), ("better", sharper))}  # fmt: skip
+    table, diffs = compare.compare(y, models, n_boot=300, seed=0)
+    assert table["course F1"].idxmax() == "better"
+    for key in ("course F1", "mAP"):
+        assert (table[f"{key} lo"] <= table[key]).all() and (table[key] <= table[f"{key} hi"]).all()
+    assert diffs.loc["base - better", "course F1 beyond noise"]
+    _, vs_base = compare.compare(y, models, n_boot=300, seed=0, reference="base")
+    row = vs_base.loc["same - base"]  # the same scores: a difference of exactly 0, no noise
+    assert row["course F1"] == 0 and row["course F1 lo"] == 0 == row["course F1 hi"]
+    assert not row["course F1 beyond noise"]
+
+
+def test_class_wins_rank_by_average_precision():
+    y, p = _data(100, seed=5)
+    q = p.copy()
+    q[:, 0] = 1.0 - p[:, 0]  # b ranks class 0 backwards
+    wins = compare.class_wins(y, p, q, n=3)
+    assert wins.loc["a better"].iloc[0]["class"] == "person"
+    assert (wins.loc["a better"]["a - b"] >= 0).all() and len(wins) == 6
+    assert wins.loc["a better"].iloc[0]["positives"] == y[:, 0].sum()
+
+
+def test_grad_cam_finds_the_region_the_class_depends_on():
+    """A tiny network whose class 3 is the mean of the image's left half: the map is there."""
+    from cocochallenge import analysis, models
+
+    class Backbone(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn2 = torch.nn.Identity()  # where cam_layer looks in a timm backbone
+
+        def forward(self, x):
+            return self.bn2(x).mean((2, 3))
+
+    head = torch.nn.Linear(3, 80)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.weight[3, 0] = 1.0
+    model = models.MultiLabelNet(Backbone(), torch.nn.Sequential(head))
+    x = torch.zeros(2, 3, 8, 8)
+    x[:, 0, :, :4] = 1.0  # channel 0 lit on the left half only
+    cam = analysis.grad_cam(model, x, [3, 3])
+    assert cam.shape == (2, 8, 8) and cam.max() == pytest.approx(1.0)
+    assert cam[:, :, :4].mean() > 0.9 and cam[:, :, 4:].mean() < 0.1
