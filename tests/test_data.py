@@ -11,6 +11,8 @@ import helpers as h
 from cocochallenge import config, data, files, split, transforms
 from conftest import write_labels
 
+pytestmark = pytest.mark.quick
+
 
 def _layout(tmp_path, rows, size=(40, 30)):
     root = tmp_path / "ms-coco"

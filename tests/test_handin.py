@@ -7,6 +7,8 @@ import pytest
 
 from cocochallenge import files, handin
 
+pytestmark = pytest.mark.quick
+
 
 def _notebook(path, run_dir, counts=(1, 2, 3), error=False):
     cells = []

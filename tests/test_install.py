@@ -50,6 +50,7 @@ def test_hub_install_keeps_the_torch_already_there(tmp_path):
     assert torchish["torchvision"].startswith("0.20."), torchish  # the one made for torch 2.5
 
 
+@pytest.mark.quick
 def test_runtime_and_development_requirements_are_apart():
     """The runtime list has no test or notebook-server tool; each needed API has a lower bound."""
     names = lambda path: {re.split(r"[<>=\s#]", line.strip())[0].lower()  # noqa: E731
@@ -66,6 +67,7 @@ def test_runtime_and_development_requirements_are_apart():
     assert 'optional-dependencies.dev = { file = ["requirements-dev.txt"] }' in project
 
 
+@pytest.mark.quick
 def test_the_course_data_is_never_used_unless_named(tmp_path, monkeypatch):
     """A decoy at the path the code treats as the course's: the demo configuration of run.py
     and of the tests, and the notebook's "demo" root, never read it."""

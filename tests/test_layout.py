@@ -318,3 +318,25 @@ def test_nbval_copies_run_the_notebooks_own_code(pair):
     nb = json.loads((ROOT / "tests" / "nbval" / copy).read_text())
     theirs = [(c["cell_type"], "".join(c["source"])) for c in nb["cells"]]
     assert mine == theirs, f"tests/nbval/{copy} is stale: run python tools/nbval_references.py"
+
+
+def test_the_conclusions_quote_only_numbers_the_notebook_shows():
+    """The prose of analysis.ipynb's conclusions is written for its committed run: every
+    decimal number it quotes must stand in the key-numbers table that run printed."""
+    import re
+
+    cells = json.loads((ROOT / "analysis.ipynb").read_text())["cells"]
+    prose = next(
+        "".join(c["source"])
+        for c in cells
+        if c["cell_type"] == "markdown" and "Rewrite this cell" in "".join(c["source"])
+    )
+    key = next(
+        c
+        for c in cells
+        if c["cell_type"] == "code" and "analysis.key_numbers(" in "".join(c["source"])
+    )
+    shown = json.dumps(key.get("outputs", []))
+    numbers = re.findall(r"(?<![\w.])\d+\.\d+", prose)
+    assert len(numbers) >= 5, "the conclusions quote the run's numbers"
+    assert [n for n in numbers if n not in shown] == []

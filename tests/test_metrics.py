@@ -13,6 +13,8 @@ import helpers as h
 from cocochallenge import metrics
 from cocochallenge.config import NUM_CLASSES
 
+pytestmark = pytest.mark.quick
+
 
 class Identity(nn.Module):
     def forward(self, x):

@@ -12,6 +12,8 @@ import cpu_recipe
 import run
 from cocochallenge import demo, files, metrics, runs, split, training
 
+pytestmark = pytest.mark.quick
+
 CFG = {
     "img_size": 64,
     "pad": True,

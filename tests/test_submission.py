@@ -8,6 +8,8 @@ from PIL import Image
 
 from cocochallenge import submission
 
+pytestmark = pytest.mark.quick
+
 
 @pytest.fixture()
 def test_dir(tmp_path):
