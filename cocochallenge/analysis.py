@@ -555,8 +555,11 @@ def cams_for(run: RunArtifacts, name: str, errors: list, device: str = "cpu") ->
     from .runs import load_kept_model
     from .transforms import build_transform
 
-    pre = preprocess_for(name, int(run.config.get("img_size", 0) or 0))
-    model, _ = build_model(name, dropout=float(run.config.get("dropout", 0.2)))
+    kept = load_json(run.run_dir / "models" / name / "result.json")  # the CPU recipe's sizes
+    backbone, size = kept.get("backbone", name), kept.get("img_size") or run.config.get("img_size")
+    pre = preprocess_for(backbone, int(size or 0))
+    dropout = float(run.config.get("dropout", 0.2))
+    model, _ = build_model(backbone, head=kept.get("head", "mlp"), dropout=dropout)
     model = load_kept_model(run.run_dir, name, model).to(device)
     transform = build_transform(pre, pad=bool(run.config.get("pad", False)))
     pictures = [Image.open(run.image_path(run.stems[r])).convert("RGB") for r, _, _ in errors]

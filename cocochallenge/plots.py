@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 
 
 def plot_history(run_dir: Path | str, names: list[str], save: bool = True):
-    """Loss and validation mAP / course F1 per epoch for each model, phases marked."""
+    """Loss and validation mAP / course F1 per epoch for each model, phases marked; None when
+    no model was trained by epochs."""
     import matplotlib.pyplot as plt
     from matplotlib.transforms import blended_transform_factory
 
@@ -30,6 +31,7 @@ def plot_history(run_dir: Path | str, names: list[str], save: bool = True):
     frozen_ends = []
     for name in names:
         hist = load_json(Path(run_dir) / "models" / name / "history.json")
+        hist = [r for r in hist if "train_loss" in r]  # a head fitted in one go has no epochs
         if not hist:
             continue
         x = [r["global_epoch"] for r in hist]
@@ -78,6 +80,9 @@ def plot_history(run_dir: Path | str, names: list[str], save: bool = True):
                 color="dimgrey",
             )
     handles, labels = axes[1].get_legend_handles_labels()  # one legend for the three panels
+    if not labels:  # no model trained by epochs (the CPU recipe fits its heads in one go)
+        plt.close(fig)
+        return None
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=10,
                frameon=False, bbox_to_anchor=(0.5, -0.02))  # fmt: skip
     fig.tight_layout(rect=(0, 0.08, 1, 1))

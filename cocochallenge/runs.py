@@ -95,10 +95,11 @@ def load_kept_model(run_dir: Path | str, name: str, model):
     """Put the weights a finished backbone kept into ``model`` (a fresh build of it): the whole
     network after fine-tuning (raw weights or their average), else the best frozen head."""
     out = Path(run_dir) / "models" / name
-    if load_json(out / "result.json")["best_phase"].startswith("finetune"):
-        PhaseCheckpoint(out, "finetune", {}).load_best(model)
-    else:
-        PhaseCheckpoint(out, "frozen", {}).load_best(model.head)
+    finetuned = load_json(out / "result.json")["best_phase"].startswith("finetune")
+    kept = PhaseCheckpoint(out, "finetune" if finetuned else "frozen", {})
+    if not kept.best_path.exists():  # a fresh head would give a plausible-looking wrong answer
+        raise FileNotFoundError(f"{name} kept no model in this run folder ({kept.best_path})")
+    kept.load_best(model if finetuned else model.head)
     return model
 
 

@@ -55,6 +55,29 @@ def test_cross_fitted_predictions_never_use_their_own_labels():
     assert np.array_equal(a[half], b[half]) and not np.array_equal(a[~half], b[~half])
 
 
+def test_the_expected_test_f1_predicts_new_test_sets_and_widens_on_small_ones():
+    """From 400 labelled images' scores, the F1 to expect on 100 new images drawn alike: the
+    mean of 200 such test sets, scored with thresholds tuned on the 400, lies in its range
+    and near it; a set of 30 images scatters more than one of 200."""
+    rng = np.random.default_rng(0)
+
+    def draw(n):
+        y = (rng.random((n, 80)) < np.geomspace(0.3, 0.01, 80)).astype(np.uint8)
+        logits = rng.normal(-2.0, 1.5, y.shape) + 2.5 * y
+        return y, (1 / (1 + np.exp(-logits))).astype(np.float32)
+
+    y, p = draw(400)
+    t = metrics.shrunk_thresholds(y, p, 10.0)
+    new = [metrics.course_f1(y2, metrics.apply_thresholds(p2, t, True))["f1"]
+           for y2, p2 in (draw(100) for _ in range(200))]  # fmt: skip
+    est = compare.expected_course_f1(y, p, 100, draws=400)
+    assert est["p10"] < np.mean(new) < est["p90"] and abs(est["expected"] - np.mean(new)) < 0.05
+    small = compare.expected_course_f1(y, p, 30, draws=400)
+    large = compare.expected_course_f1(y, p, 200, draws=400)
+    assert small["p90"] - small["p10"] > large["p90"] - large["p10"] + 0.03
+    assert compare.expected_course_f1(y, p, 10_000, draws=5)["n"] == 400
+
+
 def test_differences_are_paired_and_say_when_they_are_noise():
     y, p = _data(150, seed=4)
     sharper = np.clip(p + 0.4 * (y - 0.5), 0, 1)  # clearly better on every class

@@ -385,28 +385,54 @@ def test_notebook_stops_before_training_on_changed_settings(tmp_path, demo_root)
     assert "FINISHED" in out.stdout and "moved aside" in out.stdout, out.stderr[-2000:]
 
 
-def test_cpu_recipe_fits_once_and_thresholds_from_out_of_fold_scores(tmp_path, demo_root):
-    """The offline CPU recipe on demo data: one fit per backbone, out-of-fold scores of every
-    training image saved and used for the thresholds, a valid submission, and reuse."""
+def test_cpu_recipe_fits_once_and_thresholds_from_out_of_fold_scores(
+    tmp_path, demo_root, monkeypatch
+):
+    """The offline CPU recipe on demo data: one fit per feature set (a backbone at two sizes),
+    out-of-fold scores of every training image saved and used for the thresholds, the
+    ensemble submitted without a pick, the expected test F1 printed, and reuse."""
     import cpu_recipe
 
     run_dir = tmp_path / "run"
-    summary = cpu_recipe.run(demo_root, run_dir, backbones=["efficientnet_lite0"], val_fraction=0.2)
+    members = [("efficientnet_lite0", 0), ("efficientnet_lite0", 96)]
+    lines = []
+    summary = cpu_recipe.run(
+        demo_root, run_dir, members=members, val_fraction=0.2, log=lines.append
+    )
     folder = run_dir / "models/efficientnet_lite0"
     oof = np.load(folder / "train_oof.npz")
     split = json.loads((run_dir / "split.json").read_text())
     assert oof["probs"].shape == (len(split["train"]), 80) == oof["targets"].shape
-    saved = json.loads((run_dir / "thresholds.json").read_text())["efficientnet_lite0"]
+    small = json.loads((run_dir / "models/efficientnet_lite0_96px/result.json").read_text())
+    assert small["img_size"] == 96 and small["backbone"] == "efficientnet_lite0"
+    saved = json.loads((run_dir / "thresholds.json").read_text())["ensemble"]
     assert saved["source"] == "out-of-fold training scores"
     table = pd.read_csv(run_dir / "results.csv", index_col=0)
-    assert "f1_oof_halves" in table and summary["chosen"] == "efficientnet_lite0"
+    assert "f1_oof_halves" in table and summary["chosen"] == "ensemble"
+    estimate = summary["expected_course_f1"]
+    assert estimate["p10"] <= estimate["expected"] <= estimate["p90"]
+    assert any("expected course F1 on" in line for line in lines)
     sub = json.loads((run_dir / "submission.json").read_text())
     submission.validate_submission(sub, demo_root / "images/test-resized")
     lines = []
-    cpu_recipe.run(
-        demo_root, run_dir, backbones=["efficientnet_lite0"], val_fraction=0.2, log=lines.append
-    )
-    assert any("reused" in line for line in lines)
+    cpu_recipe.run(demo_root, run_dir, members=members, val_fraction=0.2, log=lines.append)
+    assert sum("reused" in line for line in lines) == 2
+    # the analysis finds each head at its size: where the fitted head looks, not a fresh one's
+    from cocochallenge import analysis
+
+    run = analysis.RunArtifacts(run_dir)
+    images, maps = analysis.cams_for(run, "efficientnet_lite0_96px", [(0, 0, "FP")])
+    assert images[0].size == (96, 96) and maps.shape[0] == 1
+    import run as run_py  # and the whole analysis notebook reads the recipe's run folder
+
+    for key in [k for k in os.environ if k.startswith("COCO_") and k != "COCO_HEADLESS"]:
+        monkeypatch.delenv(key)  # nbval's settings, which the kernel would take over RUN_DIR
+
+    run_py.execute(ROOT / "analysis.ipynb", run_dir / "analysis.ipynb", {"RUN_DIR": str(run_dir)},
+                   quiet=True)  # fmt: skip
+    (run_dir / "models/efficientnet_lite0_96px/frozen_best.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="kept no model"):
+        analysis.cams_for(run, "efficientnet_lite0_96px", [(0, 0, "FP")])
 
 
 def test_notebook_refit_scores_the_test_images_with_a_model_of_train_and_validation(
