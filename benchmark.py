@@ -841,17 +841,18 @@ def print_table(res: dict) -> None:
             f"7. The allocator (Lite0, {al['img_size']} px, fresh processes, best of rounds): "
             f"features of {al['n_feature_images']} images, a fine-tuning epoch of "
             f"{al['n_train_images']}",
-            f"   {'':26}{'wall s':>8}{'user s':>8}{'sys s':>8}{'minor faults':>14}",
+            f"   {'':42}{'wall s':>8}{'user s':>8}{'sys s':>8}{'minor faults':>14}",
         ]
-        for mode, label in (("default", "glibc's default"), ("keep", "keep_freed_memory")):
+        for mode, label in (("default", "glibc's default"), ("keep", "mallopt (keep_freed)"),
+                            ("env", "GLIBC_TUNABLES (run.py)")):  # fmt: skip
             for part in ("features", "finetune_epoch"):
                 v = al[mode][part]
                 lines.append(
-                    f"   {label + ', ' + part.replace('_', ' '):26}{fmt(v['wall']):>8}"
+                    f"   {label + ', ' + part.replace('_', ' '):42}{fmt(v['wall']):>8}"
                     f"{fmt(v['user']):>8}{fmt(v['sys']):>8}{v['minor_faults']:>14,}"
                 )
-        lines.append(f"   speed-up: features {fmt(al['speedup']['features'], 2)}x, fine-tuning "
-                     f"epoch {fmt(al['speedup']['finetune_epoch'], 2)}x")  # fmt: skip
+        lines.append("   speed-up over the default: " + ", ".join(
+            f"{k} {fmt(v, 2)}x" for k, v in al["speedup"].items()))  # fmt: skip
     pr = res.get("projection")
     if pr:
         r = pr["run"]
@@ -889,8 +890,9 @@ def print_table(res: dict) -> None:
 # =============================================================================================
 def allocator_probe(mode: str, img_size: int, n_features: int, n_train: int, seed: int) -> int:
     """Run inside a subprocess: feature extraction, then a fine-tuning epoch, each with its wall,
-    user and system seconds and minor page faults; glibc's default or ``keep`` (the fix)."""
-    note = config.keep_freed_memory() if mode == "keep" else "allocator: glibc's default"
+    user and system seconds and minor page faults: glibc's default, ``keep`` (mallopt in this
+    process) or ``env`` (``GLIBC_TUNABLES`` set before the process started, as run.py does)."""
+    note = config.keep_freed_memory() if mode == "keep" else f"allocator: {mode}"
     torch.manual_seed(seed)
     model, _ = models.build_model("efficientnet_lite0", pretrained=False)
     model = model.to(memory_format=torch.channels_last)
@@ -933,21 +935,26 @@ def bench_allocator(args) -> dict:
     """Each mode in fresh processes (the setting acts on a whole process), in alternation."""
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
     n_features, n_train = (64, 32) if args.quick else (640, 320)
-    runs = {"default": [], "keep": []}
+    runs = {"default": [], "keep": [], "env": []}
+    tunable = f"glibc.malloc.mmap_threshold={config.KEEP_BELOW}:" \
+              f"glibc.malloc.trim_threshold={config.KEEP_BELOW}"  # fmt: skip
     for _ in range(max(1, args.rounds - 1)):
         for mode in runs:
             cmd = [sys.executable, str(ROOT / "benchmark.py"), "--allocator-probe", mode,
                    "--img-size", str(args.img_size), "--seed", str(args.seed),
                    "--probe-sizes", f"{n_features},{n_train}"]  # fmt: skip
-            out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+            mode_env = {**env, "GLIBC_TUNABLES": tunable} if mode == "env" else env
+            out = subprocess.run(cmd, env=mode_env, capture_output=True, text=True, check=True)
             runs[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
     res = {"n_feature_images": n_features, "n_train_images": n_train, "img_size": args.img_size}
     for mode, rounds in runs.items():
         res[mode] = {part: min((r[part] for r in rounds), key=lambda x: x["wall"])
                      for part in ("features", "finetune_epoch")}  # fmt: skip
         res[mode]["note"] = rounds[0]["note"]
-    res["speedup"] = {part: ratio(res["default"][part]["wall"], res["keep"][part]["wall"])
-                      for part in ("features", "finetune_epoch")}  # fmt: skip
+    wall = lambda mode, part: res[mode][part]["wall"]  # noqa: E731
+    parts = ("features", "finetune_epoch")
+    res["speedup"] = {f"{mode} {part}": ratio(wall("default", part), wall(mode, part))
+                      for mode in ("keep", "env") for part in parts}  # fmt: skip
     return res
 
 
@@ -1057,7 +1064,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny sizes: under a minute on a CPU")
     p.add_argument("--labels-worker", help=argparse.SUPPRESS)
-    p.add_argument("--allocator-probe", choices=("default", "keep"), help=argparse.SUPPRESS)
+    p.add_argument("--allocator-probe", choices=("default", "keep", "env"), help=argparse.SUPPRESS)
     p.add_argument("--probe-sizes", default="640,320", help=argparse.SUPPRESS)
     p.add_argument("--keep-freed-memory", default="yes", choices=("yes", "no"),
                    help="keep freed memory for reuse in this process (config.keep_freed_memory; "

@@ -80,8 +80,9 @@ def check_images(files: list[Path], cache: Path | None = None, workers: int | No
         except (OSError, ValueError, KeyError):
             saved = {}  # an unreadable cache is only a slower scan
     out, todo = {}, []
+    where = {name: os.path.abspath(name) for name in stats}  # the same file, however reached
     for name, st in stats.items():
-        old = saved.get(name)
+        old = saved.get(where[name])
         if old and old[0] == st.st_size and old[1] == st.st_mtime_ns:
             out[name] = (old[2], old[3])
         else:
@@ -102,7 +103,7 @@ def check_images(files: list[Path], cache: Path | None = None, workers: int | No
         for chunk in progress(chunks, show_progress, desc="decode images", leave=False):
             out.update(zip(chunk, _check_many(chunk)))
     if cache is not None and todo:
-        verdicts = {n: [stats[n].st_size, stats[n].st_mtime_ns, *out[n]] for n in stats}
+        verdicts = {where[n]: [stats[n].st_size, stats[n].st_mtime_ns, *out[n]] for n in stats}
         save_json({"version": VERDICT_VERSION, "verdicts": verdicts}, cache, indent=None)
     return out, len(todo)
 

@@ -96,6 +96,8 @@ def test_verdicts_are_remembered_until_a_file_changes(root):
     assert first["decoded"] == n_files
     again = scan.scan_data(root)
     assert again["decoded"] == 0 and again["skip"] == first["skip"]
+    relative = Path(os.path.relpath(root))  # the same folder by another path: still remembered
+    assert scan.scan_data(relative)["decoded"] == 0
     bad = _first(root)
     _corrupt_middle(bad)  # same name, new content: decoded again, and caught
     third = scan.scan_data(root)
