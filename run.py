@@ -98,6 +98,10 @@ def execute(notebook: Path, out: Path, parameters: dict, quiet: bool = False) ->
         if out.exists():
             nb = nbformat.read(out, as_version=4)
             nb.metadata["kernelspec"] = KERNELSPEC
+            paths = nb.metadata.get("papermill", {})
+            for key in ("input_path", "output_path"):  # no machine's folders in a notebook
+                if paths.get(key):
+                    paths[key] = os.path.relpath(paths[key], ROOT)
             nbformat.write(nb, out)
             try:
                 NotebookNotary().sign(nb)

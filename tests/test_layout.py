@@ -238,6 +238,16 @@ def test_notebooks_store_the_kernel_name_jupyterlab_writes():
         ), name
 
 
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_committed_notebooks_show_no_folder_of_the_machine_that_ran_them(name):
+    """Outputs and metadata name the run's folders relative to the repository: a handed-in
+    notebook shows neither the author's home nor a temporary folder."""
+    nb = json.loads((ROOT / name).read_text())
+    saved = json.dumps([c.get("outputs", []) for c in nb["cells"]]) + json.dumps(nb["metadata"])
+    for folder in (str(ROOT), str(ROOT.parent), "/tmp/"):
+        assert folder not in saved, folder
+
+
 def test_run_py_takes_the_cpu_recipe_only_with_data_no_gpu_and_no_backbone():
     import argparse
 
