@@ -935,9 +935,10 @@ def bench_allocator(args) -> dict:
     """Each mode in fresh processes (the setting acts on a whole process), in alternation."""
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
     n_features, n_train = (64, 32) if args.quick else (640, 320)
+    import run  # the setting run.py starts itself with
+
     runs = {"default": [], "keep": [], "env": []}
-    tunable = f"glibc.malloc.mmap_threshold={config.KEEP_BELOW}:" \
-              f"glibc.malloc.trim_threshold={config.KEEP_BELOW}"  # fmt: skip
+    tunable = run.kernel_environment()["GLIBC_TUNABLES"]
     for _ in range(max(1, args.rounds - 1)):
         for mode in runs:
             cmd = [sys.executable, str(ROOT / "benchmark.py"), "--allocator-probe", mode,

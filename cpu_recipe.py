@@ -136,21 +136,13 @@ def run(
     """Fit the recipe on ``data_root`` into ``run_dir``; write the submission; its summary."""
     t_start = time.perf_counter()
     log(config.keep_freed_memory())
-    cfg, _ = config.settings(
-        {
-            "DATA_ROOT": str(data_root),
-            "RUN_DIR": str(run_dir),
-            "BACKBONES": [member_name(*m) for m in members],
-            "SEED": seed,
-            "VAL_FRACTION": val_fraction,
-            "BATCH_SIZE": batch_size,
-            "OPTIONS": {"tta": False},
-        }
-    )
-    # the arguments win over COCO_* variables (the tests set those for the notebooks)
-    cfg.update(data_root=str(data_root), run_dir=str(run_dir), seed=seed, val_fraction=val_fraction,
-               backbones=[member_name(*m) for m in members], batch_size=batch_size)  # fmt: skip
-    cfg.update(recipe="offline CPU recipe (cocochallenge.cpu_recipe)", C=C)
+    names = [member_name(*m) for m in members]
+    # the library's options (COCO_OPTIONS may change them); the arguments are the parameters, and
+    # no COCO_<NAME> variable overrides them (the tests set those for the notebooks)
+    cfg, _ = config.settings({"OPTIONS": {"tta": False}})
+    cfg.update(data_root=str(data_root), run_dir=str(run_dir), backbones=names, seed=seed,
+               val_fraction=val_fraction, batch_size=batch_size, C=C,
+               recipe="offline CPU recipe (cocochallenge.cpu_recipe)")  # fmt: skip
     device = config.pick_device(cfg["device"])
     data_root, is_demo = data.resolve_data_root(data_root)
     paths = data.data_paths(data_root)
@@ -174,10 +166,7 @@ def run(
     # on the 678 real photos (21 s against 7.6 s), with the same wall time
     cfg["workers"] = cfg["workers"] if device.type == "cuda" else 0
     runs.prepare_run_dir(cfg)
-    names = []
-    for backbone, size in members:
-        name = member_name(backbone, size)
-        names.append(name)
+    for (backbone, size), name in zip(members, names):
         out = run_dir / "models" / name
         if (out / "result.json").exists() and not runs.test_scores_stale(out, test_id):
             log(f"{name}: already fitted in this run folder, reused")
