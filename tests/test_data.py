@@ -215,3 +215,40 @@ def test_missing_data_root_explains_layout(tmp_path):
     (tmp_path / "images" / "train-resized").mkdir(parents=True)
     with pytest.raises(data.DataError, match="labels/train"):
         data.check_data_root(tmp_path)
+
+
+def test_loaders_for_65000_ids_list_the_ids_once_per_view(monkeypatch):
+    """The notebook's `loaders_for` at the course's size: each view reads the dataset's ids once,
+    not once per image (65,000 path parses per image were three hours before the first batch)."""
+    cell = next(c for c in _notebook_cells("challenge.ipynb") if "def loaders_for(" in c)
+    n = 65_000
+    base = h.COCOTrainImageDataset.__new__(h.COCOTrainImageDataset)
+    base.img_labels = [f"{i:012d}.cls" for i in range(n)]
+    base.img_dir = base.annotations_dir = "/nonexistent"
+    base.transform = None
+    test = h.COCOTestImageDataset.__new__(h.COCOTestImageDataset)
+    test.img_list, test.img_dir, test.transform = ["000000000001.jpg"], "/nonexistent", None
+    calls, real = [], data.stems
+
+    def counted(dataset):  # fails at once where a per-image pass would take hours
+        calls.append(1)
+        assert len(calls) <= 10, "the dataset's 65,000 ids listed once per image"
+        return real(dataset)
+
+    monkeypatch.setattr(data, "stems", counted)
+    cfg = {"pad": False, "workers": 0}
+    namespace = dict(cfg=cfg, transforms=transforms, data=data, BATCH_SIZE=64, AUGMENT="none",
+                     device=torch.device("cpu"), train_set=base, test_set=test,
+                     train_idx=np.arange(6_500, n), val_idx=np.arange(6_500))  # fmt: skip
+    exec(compile(cell, "challenge.ipynb", "exec"), namespace)
+    loaders = namespace["loaders_for"]({"size": 32, "mean": (0.5,) * 3, "std": (0.5,) * 3})
+    assert len(loaders["train"].dataset) == n - 6_500 and len(loaders["val"].dataset) == 6_500
+    assert loaders["val"].dataset.stems[-1] == f"{6_499:012d}"
+    assert len(calls) <= len(loaders), f"{len(calls)} passes over the 65,000 ids"
+
+
+def _notebook_cells(name):
+    from pathlib import Path
+
+    nb = json.loads((Path(__file__).resolve().parents[1] / name).read_text())
+    return ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
