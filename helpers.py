@@ -61,6 +61,7 @@ class COCOTestImageDataset(torch.utils.data.Dataset):
 
 # ---- handout section 3.2 Training and validation loops ----
 import torch
+import sys  # completion: progress bars on stdout, gone when finished (no red stderr stripe)
 from tqdm import tqdm  # completion: progress bars
 
 
@@ -82,7 +83,8 @@ def train_loop(train_loader, net, criterion, optimizer, device,
     running_loss = 0.0
     mbatch_losses = []
     epoch_loss, seen = 0.0, 0  # completion: the epoch's mean loss
-    for i, data in enumerate(tqdm(train_loader, disable=not progress, leave=False)):
+    bar = tqdm(train_loader, disable=not progress, leave=False, file=sys.stdout, mininterval=1)
+    for i, data in enumerate(bar):  # completion: the progress bar
         inputs, labels = data[0].to(device), data[1].to(device)
         optimizer.zero_grad()
         # completion: the forward pass and the loss in mixed precision when amp_dtype is given

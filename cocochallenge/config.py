@@ -45,6 +45,8 @@ OPTIONS = {
     "dropout": 0.2,          # the course head's dropout
     "weight_decay": 1e-4,    # AdamW, both phases (none on norms and biases)
     "freeze_bn": True,       # fine-tuning keeps BatchNorm's ImageNet statistics (measured)
+    "patience": 5,           # a phase stops after this many epochs without a better val mAP
+    "seeds": 3,              # frozen heads trained with this many seeds, for the comparison
     # after training: thresholds, flip TTA, the ensemble
     "shrink": 10,            # per-class thresholds pulled toward the global one by 10 positives
     "at_least_one": True,    # every image gets at least its most probable class
@@ -97,13 +99,15 @@ def device_choices(device: torch.device, cpus: int | None = None) -> dict:
 def settings(namespace: dict, options: bool = True, prefix: str = "COCO_") -> tuple[dict, dict]:
     """``(cfg, source)``: every setting in force, and where each value came from.
 
-    ``namespace`` is the notebook's: its UPPER_CASE names are the parameters cell's (papermill
-    adds its injected cell below it, which a reader sees). ``COCO_<NAME>`` environment
-    variables override them: the tests and nbval set the notebooks' parameters that way,
-    being unable to edit the cell. ``OPTIONS`` in the cell (or ``COCO_OPTIONS``, JSON)
-    overrides the library's defaults; the rest are those defaults, or chosen for the device
-    (left out with ``options=False``: the analysis notebook has no use for them).
+    ``namespace`` is the notebook's: its UPPER_CASE names are the parameters cell's, or those
+    of papermill's injected cell below it (``run.py -p``), which the table then names.
+    ``COCO_<NAME>`` environment variables override both, and the notebook's own name with
+    them: the tests and nbval set the notebooks' parameters that way, being unable to edit
+    the cell. ``OPTIONS`` (or ``COCO_OPTIONS``, JSON) overrides the library's defaults; the
+    rest are those defaults, or chosen for the device (left out with ``options=False``: the
+    analysis notebook has no use for them).
     """
+    injected = _injected_names()
     params = {
         k.lower(): v
         for k, v in namespace.items()
@@ -116,7 +120,10 @@ def settings(namespace: dict, options: bool = True, prefix: str = "COCO_") -> tu
         key = prefix + name.upper()
         if key in os.environ:
             value = _cast_like(value, os.environ[key], key)
+            namespace[name.upper()] = value
             source[name] = f"environment variable {key}"
+        elif name.upper() in injected:
+            source[name] = "papermill -p (run.py): the command in the first cell"
         else:
             source[name] = "parameters cell"
         cfg[name] = value
@@ -136,6 +143,31 @@ def settings(namespace: dict, options: bool = True, prefix: str = "COCO_") -> tu
         else:
             cfg[name], source[name] = default, "library default (config.OPTIONS)"
     return cfg, source
+
+
+def _injected_names() -> set:
+    """The names papermill set in this kernel: its injected cell starts with ``# Parameters``
+    (IPython keeps every executed cell's source in ``In``); empty outside a kernel."""
+    import ast
+
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return set()
+    shell = get_ipython()
+    cells = [
+        c for c in (shell.user_ns.get("In", []) if shell else []) if c.startswith("# Parameters\n")
+    ]
+    if not cells:
+        return set()
+    body = ast.parse(cells[-1]).body
+    return {
+        t.id
+        for n in body
+        if isinstance(n, ast.Assign)
+        for t in n.targets
+        if isinstance(t, ast.Name)
+    }
 
 
 #: glibc's setting that keeps freed memory: blocks below this size come from the heap and
@@ -246,12 +278,16 @@ def environment_report() -> dict:
 
 
 def progress(iterable, enabled: bool = True, **kwargs):
-    """A tqdm progress bar when ``enabled`` (the text bar: no widget library needed)."""
+    """A tqdm text bar when ``enabled``, on stdout and gone when finished: in a notebook it then
+    shares the cell's one text output with the printed lines, instead of leaving an empty red
+    stderr stripe per bar (no widget library needed)."""
     if not enabled:
         return iterable
+    import sys
+
     from tqdm import tqdm
 
-    return tqdm(iterable, **kwargs)
+    return tqdm(iterable, **{"file": sys.stdout, "leave": False, "mininterval": 1.0, **kwargs})
 
 
 def tensorboard_binary() -> str:
@@ -262,3 +298,19 @@ def tensorboard_binary() -> str:
 
     beside = Path(sys.executable).parent / "tensorboard"
     return str(beside) if beside.exists() else (shutil.which("tensorboard") or "tensorboard")
+
+
+def interactive() -> bool:
+    """Whether a person is looking at this kernel: False under ``run.py`` and the tests
+    (``COCO_HEADLESS=1``), which have no browser to show TensorBoard in."""
+    return os.environ.get("COCO_HEADLESS") != "1"
+
+
+def tensorboard_setup() -> None:
+    """Point the ``%tensorboard`` magic at the kernel's own ``tensorboard`` and, behind
+    JupyterHub, at its proxy (``jupyter-server-proxy``, README): the browser cannot reach the
+    kernel's ``localhost:6006`` directly."""
+    if "JUPYTERHUB_SERVICE_PREFIX" in os.environ:
+        prefix = os.environ["JUPYTERHUB_SERVICE_PREFIX"]
+        os.environ.setdefault("TENSORBOARD_PROXY_URL", prefix + "proxy/%PORT%/")
+    os.environ["TENSORBOARD_BINARY"] = tensorboard_binary()

@@ -22,72 +22,46 @@ if TYPE_CHECKING:
 
 
 def plot_history(run_dir: Path | str, names: list[str], save: bool = True):
-    """Loss and validation mAP / course F1 per epoch for each model, phases marked; None when
-    no model was trained by epochs."""
-    import matplotlib.pyplot as plt
-    from matplotlib.transforms import blended_transform_factory
+    """Loss, mAP and course F1 at 0.5 per epoch for each model, training (without
+    augmentation, dotted) against validation (solid); None when no model was trained by epochs.
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    frozen_ends = []
-    for name in names:
+    Fine-tuning is drawn from the epoch it starts from, the best frozen one (its first epoch is
+    ``global_epoch`` = best frozen epoch + 1), so the two phases branch where they really do.
+    """
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    keys = (("loss", "loss"), ("mAP", "mAP"), ("f1", "course F1 at 0.5"))
+    drawn = False
+    for i, name in enumerate(names):
         hist = load_json(Path(run_dir) / "models" / name / "history.json")
         hist = [r for r in hist if "train_loss" in r]  # a head fitted in one go has no epochs
-        if not hist:
-            continue
-        x = [r["global_epoch"] for r in hist]
-        (line,) = axes[0].plot(
-            x, [r["train_loss"] for r in hist], "-o", ms=3, label=f"{name} train"
-        )
-        axes[0].plot(
-            x, [r["val_loss"] for r in hist], "--", color=line.get_color(), label=f"{name} val"
-        )
-        axes[1].plot(
-            x, [r["val_mAP"] for r in hist], "-o", ms=3, color=line.get_color(), label=name
-        )
-        axes[2].plot(x, [r["val_f1"] for r in hist], "-o", ms=3, color=line.get_color(), label=name)
-        n_frozen = sum(r["phase"] == "frozen" for r in hist)
-        for ax in axes:
-            ax.axvline(n_frozen + 0.5, color=line.get_color(), lw=0.8, alpha=0.4)
-        frozen_ends.append(n_frozen + 0.5)
-    for ax, title in zip(
-        axes, ("loss (dashed: validation)", "validation mAP", "validation course F1 at 0.5")
-    ):
-        ax.set_title(title)
-        ax.set_xlabel("epoch (vertical line: frozen | fine-tuned)")
-        ax.grid(alpha=0.3)
-        if frozen_ends:  # shade and name the phases (shortest frozen phase)
-            end = min(frozen_ends)
-            ax.axvspan(0.5, end, color="grey", alpha=0.1, lw=0)
-            where = blended_transform_factory(ax.transData, ax.transAxes)
-            ax.text(
-                (0.5 + end) / 2,
-                0.97,
-                "frozen",
-                transform=where,
-                ha="center",
-                va="top",
-                fontsize=8,
-                color="dimgrey",
-            )
-            ax.text(
-                end,
-                0.97,
-                " fine-tuned",
-                transform=where,
-                ha="left",
-                va="top",
-                fontsize=8,
-                color="dimgrey",
-            )
-    handles, labels = axes[1].get_legend_handles_labels()  # one legend for the three panels
-    if not labels:  # no model trained by epochs (the CPU recipe fits its heads in one go)
+        color = f"C{i}"
+        for phase, marker in (("frozen", "o"), ("finetune", "s")):
+            rows = [r for r in hist if r["phase"] == phase]
+            if not rows:
+                continue
+            drawn = True
+            x = [r["global_epoch"] for r in rows]
+            for ax, (key, _) in zip(axes, keys):
+                label = f"{name} ({'frozen' if phase == 'frozen' else 'fine-tuned'})"
+                ax.plot(x, [r[f"val_{key}"] for r in rows], "-", marker=marker, ms=3,
+                        color=color, label=label)  # fmt: skip
+                if f"train_{key}" in rows[0]:
+                    ax.plot(x, [r[f"train_{key}"] for r in rows], ":", color=color, lw=1.2)
+    if not drawn:  # no model trained by epochs (the CPU recipe fits its heads in one go)
         plt.close(fig)
         return None
+    for ax, (_, title) in zip(axes, keys):
+        ax.set_title(f"{title} (dotted: training images)")
+        ax.set_xlabel("epoch (fine-tuning counted from the best frozen epoch)")
+        ax.grid(alpha=0.3)
+    handles, labels = axes[1].get_legend_handles_labels()  # one legend for the three panels
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=10,
                frameon=False, bbox_to_anchor=(0.5, -0.02))  # fmt: skip
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     if save:
-        fig.savefig(Path(run_dir) / "training_curves.png", dpi=100)
+        fig.savefig(Path(run_dir) / "training_curves.png", dpi=110)
     return fig
 
 

@@ -1,10 +1,12 @@
-"""The run folder: what one run of the challenge notebook writes, and the model comparison.
+"""The run folder: what one run of the challenge notebook writes, checked before training.
 
 Layout (both notebooks and the tests agree on it)::
 
     <run>/config.json, environment.json, split.json, summary.json, results.csv, thresholds.json
     <run>/models/<backbone>/frozen_{last,best}.pt, finetune_{last,best}.pt, features_*.pt,
                              history.json, val_scores.npz, test_scores.npz, result.json
+    <run>/models/<backbone>/seed<k>/frozen_{last,best}.pt      the frozen head with other seeds
+    <run>/course_recipe/<backbone>/val_scores.npz, result.json   the course's recipe, per network
     <run>/tensorboard/<backbone>/, <run>/figures/*.png, <run>/submission.json
 """
 
@@ -18,14 +20,13 @@ from .checkpoints import PhaseCheckpoint
 from .config import environment_report
 from .files import (
     StaleRunError,
-    atomic_path,
     differences,
     load_json,
+    load_npz,
     save_json,
     save_npz,
     stale_message,
 )
-from .metrics import evaluate_predictions, tune_thresholds
 from .training import predict
 
 
@@ -38,6 +39,15 @@ def prepare_run_dir(cfg: dict) -> Path:
     return run_dir
 
 
+def run_ids(run_dir: Path | str, inventory: dict, test_set) -> dict:
+    """The digests a trained model depends on: the labelled data (``data.inventory``), the
+    split (``split.json``) and the test images; compared with the run folder's before training."""
+    from .data import digest, test_digest
+
+    split = load_json(Path(run_dir) / "split.json")["id"]
+    return {"data": digest(inventory), "split": split, "test": test_digest(test_set)}
+
+
 def find_answers(data_root: Path | str) -> Path | None:
     """``test_labels.json`` beside or inside the data root (demo data and the real-photo set)."""
     for cand in (Path(data_root) / "test_labels.json", Path(data_root).parent / "test_labels.json"):
@@ -46,8 +56,8 @@ def find_answers(data_root: Path | str) -> Path | None:
     return None
 
 
-def save_model_scores(model, out: Path | str, val_loader, test_loader, device, result: dict,
-                      history: list, test_id: str, **kwargs) -> dict:  # fmt: skip
+def save_model_scores(model, out: Path | str, loaders: dict, result: dict, history: list,
+                      ids: dict, device, **kwargs) -> dict:  # fmt: skip
     """Validation and test probabilities of the kept model (plain and flip-TTA), then result.json.
 
     These files are what thresholds, the ensemble, the analysis and the submission are made
@@ -58,23 +68,24 @@ def save_model_scores(model, out: Path | str, val_loader, test_loader, device, r
 
     out = Path(out)
     t0 = time.perf_counter()
-    val = predict(model, val_loader, device, tta_flip=True, desc="val (TTA)", **kwargs)
+    val = predict(model, loaders["val"], device, tta_flip=True, desc="val (TTA)", **kwargs)
     val_seconds = time.perf_counter() - t0
-    save_test_scores(model, out, test_loader, device, test_id, **kwargs)
+    save_test_scores(model, out, loaders["test"], ids["test"], device, **kwargs)
     save_npz(
         out / "val_scores.npz",
         probs=val["probs"],
         probs_tta=val["probs_tta"],
         targets=val["targets"],
-        stems=np.array(val_loader.dataset.stems),
+        stems=np.array(loaders["val"].dataset.stems),
     )
     save_json(history, out / "history.json")
-    result = {**result, "val_images_per_second": len(val["probs"]) / max(val_seconds, 1e-9)}
+    result = {**result, "parameters": sum(p.numel() for p in model.parameters()),
+              "val_images_per_second": len(val["probs"]) / max(val_seconds, 1e-9)}  # fmt: skip
     save_json(result, out / "result.json")
     return result
 
 
-def save_test_scores(model, out: Path | str, test_loader, device, test_id: str, **kwargs) -> None:
+def save_test_scores(model, out: Path | str, test_loader, test_id: str, device, **kwargs) -> None:
     """The test images' probabilities (plain and flip-TTA) as ``<out>/test_scores.npz``, with the
     digest of the test folder they were computed on (``data.test_digest``)."""
     test = predict(model, test_loader, device, tta_flip=True, desc="test (TTA)", **kwargs)
@@ -87,8 +98,8 @@ def test_scores_stale(out: Path | str, test_id: str) -> bool:
     path = Path(out) / "test_scores.npz"
     if not path.exists():
         return True
-    with np.load(path) as z:
-        return "data" not in z.files or str(z["data"]) != test_id
+    scores = load_npz(path)  # a damaged file is named, with what to do
+    return "data" not in scores or str(scores["data"]) != test_id
 
 
 def load_kept_model(run_dir: Path | str, name: str, model):
@@ -103,123 +114,37 @@ def load_kept_model(run_dir: Path | str, name: str, model):
     return model
 
 
-#: Where the course's recipe, trained as a baseline by challenge.ipynb, keeps its scores.
+#: Where the course's recipe, trained as a baseline on each network's frozen features by
+#: challenge.ipynb, keeps its scores: ``<run>/course_recipe/<network>/``.
 BASELINE = "course_recipe"
 
 
-def save_baseline(run_dir: Path | str, results: dict, targets, steps: int, epochs: int) -> None:
-    """The course recipe's validation scores (``validation_loop`` with ``keep_probs``)."""
-    out = Path(run_dir) / BASELINE
+def save_baseline(run_dir: Path | str, name: str, results: dict, targets, epochs: int,
+                  best_epoch: int) -> None:  # fmt: skip
+    """The course recipe's validation scores on ``name``'s features, at its best epoch
+    (``validation_loop`` with ``keep_probs``)."""
+    out = Path(run_dir) / BASELINE / name
     save_npz(out / "val_scores.npz", probs=results["probs"], targets=np.asarray(targets))
     save_json({"course_f1": float(results["f1"]), "precision": float(results["precision"]),
-               "recall": float(results["recall"]), "steps": steps, "epochs": epochs,
+               "recall": float(results["recall"]), "epochs": epochs, "best_epoch": best_epoch,
                "threshold": "raw output > 0.5"}, out / "result.json")  # fmt: skip
 
 
 def load_scores(run_dir: Path | str, name: str, split: str = "val") -> dict:
     """Saved probabilities of one model: ``probs``, ``probs_tta``, ``stems`` (and ``targets``)."""
-    with np.load(Path(run_dir) / "models" / name / f"{split}_scores.npz") as z:
-        return {k: z[k] for k in z.files}
+    return load_npz(Path(run_dir) / "models" / name / f"{split}_scores.npz")
 
 
-def compare_models(
-    run_dir: Path | str,
-    names: list[str],
-    tta: bool = True,
-    at_least_one: bool = True,
-    shrink: float = 10.0,
-) -> tuple:
-    """The results table (one row per model, plus the ensemble) and the tuned thresholds.
-
-    The ensemble averages the models' probabilities and tunes its own thresholds. The rule is
-    the same everywhere (:func:`~cocochallenge.metrics.tune_thresholds`): per class, shrunk
-    toward the global threshold by ``shrink`` positives. It is tuned on the validation scores;
-    when every model saved out-of-fold scores of its training images (``train_oof.npz``, the
-    offline CPU recipe), on those instead, which leaves the whole validation split to score
-    them (``f1_oof_thresholds``). ``f1_heldout`` (or ``f1_oof_halves``) is the rule tuned on
-    random halves and scored on the other halves: it picks the submission. Returns
-    ``(DataFrame, details)`` where ``details[name]`` holds the thresholds and the validation
-    and test probabilities the table was computed from. Also writes ``results.csv`` and
-    ``thresholds.json``.
-    """
-    import pandas as pd
-
-    run_dir = Path(run_dir)
-    key = "probs_tta" if tta else "probs"
-    rows, details = [], {}
-    for name in names:
-        val, test = load_scores(run_dir, name, "val"), load_scores(run_dir, name, "test")
-        res = load_json(run_dir / "models" / name / "result.json")
-        details[name] = {
-            "val": val[key],
-            "test": test[key],
-            "targets": val["targets"],
-            "val_stems": val["stems"],
-            "test_stems": test["stems"],
-            "result": res,
-        }
-        oof = run_dir / "models" / name / "train_oof.npz"
-        if oof.exists():
-            with np.load(oof) as z:
-                details[name]["oof"], details[name]["oof_targets"] = z["probs"], z["targets"]
-    use_oof = all("oof" in details[n] for n in names)
-    for name in names[1:]:  # an ensemble of models validated on other images is meaningless
-        if not np.array_equal(details[name]["val_stems"], details[names[0]]["val_stems"]):
+def same_images(scores: dict) -> None:
+    """Stop when the models were validated on different images: an ensemble, or a comparison,
+    of scores of other images is meaningless (a backbone kept from an older split)."""
+    names = list(scores)
+    for name in names[1:]:
+        if not np.array_equal(scores[name]["stems"], scores[names[0]]["stems"]):
             raise StaleRunError(
-                f"{name} and {names[0]} were validated on different images: "
-                "their scores cannot be compared or averaged; retrain one of "
-                "them in this run folder"
+                f"{name} and {names[0]} were validated on different images: their scores "
+                f'cannot be compared or averaged; set OPTIONS = {{"retrain": ["{name}"]}}'
             )
-    if len(names) > 1:
-        first = details[names[0]]
-        mean = lambda part: np.mean([details[n][part] for n in names], axis=0)
-        details["ensemble"] = {
-            "val": mean("val"),
-            "test": mean("test"),
-            "targets": first["targets"],
-            "test_stems": first["test_stems"],
-            **({"oof": mean("oof"), "oof_targets": first["oof_targets"]} if use_oof else {}),
-            "result": {
-                k: sum(details[n]["result"][k] for n in names)
-                for k in ("train_seconds", "parameters")
-            },
-        }
-    thresholds = {}
-    for name, d in details.items():
-        t = tune_thresholds(d["targets"], d["val"], shrink, at_least_one)
-        d["thresholds"], d["global_threshold"] = t["per_class"], t["global_threshold"]
-        if use_oof:  # thresholds from the training images' out-of-fold scores
-            o = tune_thresholds(d["oof_targets"], d["oof"], shrink, at_least_one)
-            d["thresholds"], d["global_threshold"] = o["per_class"], o["global_threshold"]
-            m = evaluate_predictions(d["targets"], d["val"], d["thresholds"], at_least_one)
-            t = {
-                **t,
-                "f1_oof_halves": o["f1_heldout"],
-                "f1_oof_halves_sd": o["f1_heldout_sd"],
-                "f1_oof_thresholds": m["course_f1"],
-                "macro_f1_oof_thresholds": m["macro_f1"],
-            }
-        thresholds[name] = {
-            "global": d["global_threshold"],
-            "per_class": d["thresholds"].tolist(),
-            "at_least_one": at_least_one,
-            "tta": tta,
-            "shrink": shrink,
-            "source": "out-of-fold training scores" if use_oof else "validation",
-        }
-        rows.append(
-            {
-                "model": name,
-                **{k: v for k, v in t.items() if k != "per_class"},
-                "train_minutes": d["result"]["train_seconds"] / 60,
-                "parameters_M": d["result"]["parameters"] / 1e6,
-            }
-        )
-    table = pd.DataFrame(rows).set_index("model")
-    with atomic_path(run_dir / "results.csv") as tmp:
-        table.to_csv(tmp)
-    save_json(thresholds, run_dir / "thresholds.json")
-    return table, details
 
 
 # ---- What determines each artifact, checked before any training -------------------------------
@@ -279,6 +204,39 @@ def move_aside(run_dir: Path | str, *paths: Path | str, log=print) -> Path | Non
         shutil.move(str(p), str(target))
         log(f"moved aside: {p} -> {target}")
     return dest
+
+
+def check_models(run_dir: Path | str, names: list[str], cfg: dict, ids: dict, amp_dtype=None,
+                 log=print) -> tuple[dict, dict]:  # fmt: skip
+    """``(status, settings)`` of every backbone, checked before any training starts.
+
+    ``ids`` holds the digests of the labelled data, the split and the test images. Each
+    backbone's status is :func:`check_model`'s; ``settings`` is what its ``settings.json``
+    records. Only when every backbone agrees with the folder is ``config.json`` written.
+    """
+    from .models import preprocess_for
+
+    status, settings = {}, {}
+    for name in names:
+        pre = preprocess_for(name, cfg["img_size"])
+        settings[name] = model_settings(name, cfg, pre, ids["data"], ids["split"], amp_dtype)
+        retrain = "all" in cfg["retrain"] or name in cfg["retrain"]
+        status[name] = check_model(run_dir, settings[name], retrain, log, ids["test"])
+    for name in names:  # the folder of a backbone to train says with which settings
+        if status[name] == "new":
+            save_json(settings[name], Path(run_dir) / "models" / name / "settings.json")
+    prepare_run_dir(cfg)
+    return status, settings
+
+
+def rescore_test_images(run_dir: Path | str, name: str, model, loaders: dict, ids: dict, device,
+                        **kwargs) -> None:  # fmt: skip
+    """Only the test folder changed since ``name`` finished: its kept model scores the new test
+    images; nothing is trained again."""
+    kept = load_kept_model(run_dir, name, model)
+    save_test_scores(kept, Path(run_dir) / "models" / name, loaders["test"], ids["test"], device,
+                     **kwargs)  # fmt: skip
+    print(f"{name}: the new test images scored by the kept model; nothing trained again")
 
 
 def check_model(run_dir: Path | str, settings: dict, retrain: bool = False, log=print,

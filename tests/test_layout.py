@@ -101,7 +101,7 @@ def test_helpers_is_the_course_code_and_stands_alone():
         "update_graphs",
     }
     imports = _top_imports(ROOT / "helpers.py")
-    assert imports <= {"os", "glob", "pathlib", "PIL", "torch", "tqdm"}, imports
+    assert imports <= {"os", "sys", "glob", "pathlib", "PIL", "torch", "tqdm"}, imports
     out = subprocess.run(
         [sys.executable, "-I", "-c", "import helpers"],
         cwd=ROOT,
