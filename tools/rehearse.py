@@ -19,13 +19,15 @@
    The run folder, ``<out>/run``, starts empty each time: nothing is resumed.
 3. **The measurements.** Each stage's time and peak memory: the data building, each
    ``## N. Title`` section of both notebooks (from the cell times papermill writes into the
-   executed notebooks), run.py's own time between cells (kernel start-ups, saving) and the
-   hand-in. A thread samples the memory of this process and all its descendants (run.py, the
-   kernels, their loader and scan workers) every half second from ``/proc``: the sum of their
-   resident sets (RSS, which counts shared pages once per process, so it overstates) and of
-   their proportional sets (PSS, shared pages split between their users: the machine's real
-   use). Elsewhere than on Linux there is no ``/proc``: times only. Written to ``<out>``:
-   ``rehearsal.json`` (everything), ``stages.csv``, ``memory.csv`` (the samples), ``run.log``.
+   executed notebooks), the training cell's parts per backbone (features, frozen head,
+   fine-tuning, validation and test scores: from the times its files were written), run.py's
+   own time between cells (kernel start-ups, saving) and the hand-in. A thread samples the
+   memory of this process and all its descendants (run.py, the kernels, their loader and scan
+   workers) every half second from ``/proc``: the sum of their resident sets (RSS, which
+   counts shared pages once per process, so it overstates) and of their proportional sets
+   (PSS, shared pages split between their users: the machine's real use). Elsewhere than on
+   Linux there is no ``/proc``: times only. Written to ``<out>``: ``rehearsal.json``
+   (everything), ``stages.csv``, ``memory.csv`` (the samples), ``run.log``.
 
 What it does not rehearse: reading 65,000 distinct files from disk (the hard links are 678
 photos, in the page cache after the first pass), and any GPU.
@@ -263,7 +265,42 @@ def sections(cells: list[dict]) -> list[dict]:
     for row in cells:
         stage = stages.setdefault(row["stage"], {"stage": row["stage"], "start": row["start"]})
         stage["end"] = max(stage.get("end", row["end"]), row["end"])
-    return [{**s, "seconds": s["end"] - s["start"]} for s in stages.values()]
+    return [{**s, "seconds": s["end"] - s["start"], "notebook": True} for s in stages.values()]
+
+
+#: The files a backbone writes as the training cell goes: each one ends a part of it.
+MILESTONES = (
+    ("features", "features_val.pt"),
+    ("frozen head", "frozen_last.pt"),
+    ("fine-tuning", "finetune_last.pt"),
+    ("validation and test scores", "result.json"),
+)
+
+
+def training_parts(run_dir: Path) -> list[dict]:
+    """The training cell in parts, per backbone, from the times its files were last written.
+
+    A cell is papermill's smallest timed unit, and one cell trains every backbone; the files
+    it leaves say when each part ended (the checkpoints are rewritten every epoch). A part
+    starts where the one before ended; a backbone's first, when its ``settings.json`` was
+    written, or the previous backbone finished, whichever is later.
+    """
+    parts, end = [], 0.0
+    folders = [f for f in Path(run_dir).glob("models/*") if (f / "settings.json").is_file()]
+    for folder in sorted(folders, key=lambda f: min(_mtimes(f).values(), default=0)):
+        times = _mtimes(folder)
+        start = max(times.get("settings.json", end), end)
+        for part, name in MILESTONES:
+            if name in times and times[name] >= start:
+                parts.append({"stage": f"{folder.name}: {part}", "start": start,
+                              "end": times[name], "seconds": times[name] - start})  # fmt: skip
+                start = end = times[name]
+    return parts
+
+
+def _mtimes(folder: Path) -> dict[str, float]:
+    names = ["settings.json", *(name for _, name in MILESTONES)]
+    return {n: (folder / n).stat().st_mtime for n in names if (folder / n).is_file()}
 
 
 def peaks(stages: list[dict], samples: list[tuple], skip: list[dict] = ()) -> list[dict]:
@@ -294,13 +331,14 @@ def peaks(stages: list[dict], samples: list[tuple], skip: list[dict] = ()) -> li
 
 
 def table(stages: list[dict], memory: bool) -> str:
-    width = max(len(s["stage"]) for s in stages)
+    width = max(len(s["stage"]) + 4 for s in stages)
     lines = [
         f"{'stage':<{width}}  {'time s':>8}" + ("  peak RSS MB  peak PSS MB" if memory else "")
     ]
     for s in stages:
         mem = f"  {s['peak_rss_mb']:>11.0f}  {s['peak_pss_mb']:>11.0f}" if memory else ""
-        lines.append(f"{s['stage']:<{width}}  {s['seconds']:>8.1f}{mem}")
+        name = ("    " if s.get("part") else "") + s["stage"]
+        lines.append(f"{name:<{width}}  {s['seconds']:>8.1f}{mem}")
     return "\n".join(lines)
 
 
@@ -383,9 +421,17 @@ def rehearse(out: Path, args) -> tuple[dict, list[dict], list[dict]]:
         if path.is_file():
             cells += notebook_cells(json.loads(path.read_text()), label)
     stages = sections(cells)
-    between = {"stage": "run.py between cells (kernel start-ups, saving)", "start": start,
-               "end": end, "seconds": end - start - sum(s["seconds"] for s in stages)}  # fmt: skip
+    between = {
+        "stage": "run.py between cells (kernel start-ups, saving)",
+        "start": start,
+        "end": end,
+        "seconds": end - start - sum(s["seconds"] for s in stages),
+        "between": True,
+    }
     stages.append(between)
+    for part in reversed(training_parts(run_dir)):
+        at = next((i for i, s in enumerate(stages) if s["start"] <= part["end"] <= s["end"]), -1)
+        stages.insert(at + 1, {**part, "part": True})
     codes["hand-in"] = None
     if (run_dir / "submission.json").is_file():
         cmd = [sys.executable, "-m", "cocochallenge", "handin", str(run_dir)]
@@ -396,9 +442,8 @@ def rehearse(out: Path, args) -> tuple[dict, list[dict], list[dict]]:
 
 def report(out: Path, args, manifest, codes, stages, cells, sampler, wall) -> dict:
     """Print the stage table and the totals; write them into ``out``."""
-    samples, notebooks = sampler.samples, [s for s in stages if ":" in s["stage"]]
-    stages = [peaks([s], samples, notebooks if s["stage"].startswith("run.py") else ())[0]
-              for s in stages]  # fmt: skip
+    samples, notebooks = sampler.samples, [s for s in stages if s.get("notebook")]
+    stages = [peaks([s], samples, notebooks if s.get("between") else ())[0] for s in stages]
     disk = {"run folder": disk_usage(out / "run"),  # the data: what it adds to the photos'
             "rehearsal data": disk_usage(out / "ms-coco", linked_too=False)}  # fmt: skip
     summary = {**codes, "manifest": manifest, "wall_s": wall, "stages": stages, "cells": cells,
