@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .config import seed_everything
-from .files import torch_save_atomic
+from .files import load_torch, torch_save_atomic
 
 
 def seed_epoch(seed: int, epoch: int) -> None:
@@ -62,7 +62,7 @@ class PhaseCheckpoint:
         """Load the last complete epoch if there is one; return the epoch to start from."""
         if not self.last_path.exists():
             return 0
-        ckpt = torch.load(self.last_path, map_location="cpu", weights_only=False)
+        ckpt = load_torch(self.last_path, weights_only=False)
         for name, obj in self.state.items():
             if obj is not None and ckpt["state"].get(name) is not None:
                 obj.load_state_dict(ckpt["state"][name])
@@ -110,15 +110,13 @@ class PhaseCheckpoint:
         """The validation probabilities of the best epoch, or None (not saved, or no epoch)."""
         if not self.best_path.exists():
             return None
-        probs = torch.load(self.best_path, map_location="cpu", weights_only=True).get("val_probs")
+        probs = load_torch(self.best_path).get("val_probs")
         return None if probs is None else probs.numpy()
 
     def load_best(self, module: torch.nn.Module) -> None:
         """Put the best epoch's weights into ``module`` (the one ``state['model']`` was)."""
         if self.best_path.exists():
-            module.load_state_dict(
-                torch.load(self.best_path, map_location="cpu", weights_only=True)["model"]
-            )
+            module.load_state_dict(load_torch(self.best_path)["model"])
 
 
 def epoch_row(

@@ -1,19 +1,62 @@
-"""Run-folder files: atomic writes, and the check that what is on disk matches the settings.
+"""Run-folder files: atomic writes, readable damage, one run per folder, and the check that
+what is on disk matches the settings.
 
-A crash or a kill never leaves a half-written artifact that a later run reads, and an
-artifact made with other settings is reported, never silently reused.
+A crash or a kill never leaves a half-written artifact that a later run reads; a full disk, a
+read-only folder or a damaged file is said in one sentence that names the file; two training
+runs never share a folder; an artifact made with other settings is reported, never silently
+reused.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import errno
 import json
 import os
+import socket
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+
+class SaysWhatToDo:
+    """Mixin of the errors whose message names the file and says what to do: IPython shows
+    the message alone, as for :class:`analysis.RunNotFound` (a traceback would bury it), and
+    ``run.py`` prints it without one (its ``SELF_EXPLAINING``)."""
+
+    def _render_traceback_(self):
+        return [f"{type(self).__name__}: {self}"]
+
+
+class CannotWrite(SaysWhatToDo, OSError):
+    """A run-folder file could not be written (a full disk, a read-only folder); the previous
+    version of the file, if any, is kept whole."""
+
+
+#: The write errors a student can fix: a full disk or quota, a folder that is not theirs.
+_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_ACCESS = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def cannot_write(path: Path | str, err: OSError) -> OSError:
+    """The :class:`CannotWrite` to raise for ``err`` while writing ``path`` (other errors as they
+    are): what failed, and what to do."""
+    folder = Path(path).parent
+    if err.errno in _SPACE:
+        fix = (f"the disk is full: free some space (`df -h {folder}` shows what is left; old "
+               "runs' checkpoints in runs/ are the usual bulk) or set RUN_DIR to a folder on "
+               "another disk, then run again: finished epochs and models are kept")  # fmt: skip
+    elif err.errno in _ACCESS:
+        fix = (f"{folder} is not writable here: set RUN_DIR to a folder of your own (under your "
+               "home folder), or make this one writable, then run again")  # fmt: skip
+    else:
+        return err
+    return CannotWrite(f"cannot write {path} ({err.strerror}): {fix}")
 
 
 @contextlib.contextmanager
@@ -21,20 +64,24 @@ def atomic_path(path: Path | str):
     """Yield a temporary path beside ``path``; rename it over ``path`` only when the block ends.
 
     ``os.replace`` is atomic on one filesystem, so readers see the old file or the new one,
-    never a truncated mix. On an error the temporary file is removed and the old file kept.
+    never a truncated mix. On an error the temporary file is removed and the old file kept; a
+    full disk or a read-only folder is a :class:`CannotWrite` that says so.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a normal write gives the umask's
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a normal write gives the umask's
         yield Path(tmp)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        raise cannot_write(path, err) from None
     finally:
-        if os.path.exists(tmp):
+        if tmp and os.path.exists(tmp):
             os.remove(tmp)
 
 
@@ -65,14 +112,68 @@ def _json_default(obj):
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+class CorruptFile(SaysWhatToDo, ValueError):
+    """A file of the run folder that cannot be read back (cut off, overwritten, edited)."""
+
+
+def corrupt_file(path: Path | str, err: Exception) -> CorruptFile:
+    """The :class:`CorruptFile` for ``path``: which file, why, and how the run makes it again.
+
+    A file of one model (``models/<name>/...``) goes with the others of that model: the model
+    is trained again. Any other file of the run folder the challenge notebook writes anew.
+    """
+    path = Path(path)
+    why = f"{type(err).__name__}: {str(err).split('. ')[0][:100]}"
+    parts = path.parts
+    if "models" in parts[:-2]:
+        folder = Path(*parts[: parts.index("models") + 2])
+        fix = (f"move the folder {folder} out of the run folder, then run the challenge notebook "
+               f"again: {folder.name} is trained again")  # fmt: skip
+    else:
+        fix = "move it out of the run folder, then run the challenge notebook: it writes it anew"
+    return CorruptFile(f"{path} is damaged ({why}): it was cut off or overwritten. To make it "
+                       f"again, {fix}.")  # fmt: skip
+
+
 def load_json(path: Path | str):
-    return json.loads(Path(path).read_text())
+    """Read a JSON file; a damaged one is a :class:`CorruptFile` that says what to do."""
+    try:
+        return json.loads(Path(path).read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError
+        raise corrupt_file(path, err) from None
+
+
+def load_npz(path: Path | str) -> dict:
+    """Every array of an ``.npz`` file (saved scores); a damaged one is a :class:`CorruptFile`."""
+    import zipfile
+    import zlib
+
+    try:
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+    except (zipfile.BadZipFile, zlib.error, ValueError, EOFError, KeyError) as err:
+        raise corrupt_file(path, err) from None
+
+
+def load_torch(path: Path | str, weights_only: bool = True):
+    """``torch.load`` on the CPU; a damaged checkpoint is a :class:`CorruptFile`."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as err:
+        raise corrupt_file(path, err) from None
 
 
 def torch_save_atomic(obj, path: Path | str) -> Path:
-    """``torch.save`` through a temporary file, so a killed run never leaves a torn checkpoint."""
+    """``torch.save`` through a temporary file, so a killed run never leaves a torn checkpoint.
+
+    torch writes into a Python file object here: a full disk is then the operating system's
+    "No space left on device" (a :class:`CannotWrite`), not torch's "unexpected pos".
+    """
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
     return Path(path)
 
 
@@ -84,7 +185,7 @@ def save_npz(path: Path | str, **arrays) -> Path:
     return Path(path)
 
 
-class StaleRunError(RuntimeError):
+class StaleRunError(SaysWhatToDo, RuntimeError):
     """The run folder holds results made with other settings or other data; nothing was trained."""
 
 
@@ -121,3 +222,176 @@ def shown_path(path: Path | str) -> str:
         return str(path.resolve().relative_to(Path.cwd().resolve()))
     except ValueError:
         return str(path)
+
+
+# ---- One training run per run folder ----------------------------------------------------------
+#: The lock file: which process trains in the folder. Removed when that process exits; left by a
+#: killed one, whose successor finds it stale and takes it over.
+LOCK_NAME = "run.lock"
+
+
+class RunFolderBusy(SaysWhatToDo, RuntimeError):
+    """Another training run works in this run folder; nothing was written."""
+
+
+def _process(pid: int) -> tuple[str, float] | None:
+    """``(state, start time in seconds since the epoch)`` of a process, from Linux's /proc.
+
+    The start time tells a process from a later one with the same id: ids start again from 1
+    when a hub server restarts. None where /proc cannot say (another system, or no such id).
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        with open("/proc/stat") as fh:
+            boot = next(float(line.split()[1]) for line in fh if line.startswith("btime"))
+        fields = stat[stat.rindex(")") + 2 :].split()  # the name in () may hold spaces
+        return fields[0], boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def _this_process() -> dict:
+    program = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
+    if "ipykernel" in program:
+        program = "a notebook's kernel"
+    info = _process(os.getpid())
+    return {"host": socket.gethostname(), "pid": os.getpid(),
+            "started": info and info[1], "since": time.time(), "program": program}  # fmt: skip
+
+
+def _gone(holder: dict) -> str | None:
+    """Why the holder of a lock no longer runs; None while it does."""
+    host, pid = holder.get("host"), holder.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return "nothing says which run wrote it"
+    if host != socket.gethostname():  # the hub runs one server per team at a time
+        return f"it ran on the server {host}, and this one is {socket.gethostname()}"
+    if os.name == "nt":  # there os.kill would stop the process, not ask about it
+        return None
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return f"no process {pid} runs on this server any more"
+    except PermissionError:
+        pass  # it exists, under another user
+    now, started = _process(pid), holder.get("started")
+    if now and now[0] == "Z":
+        return f"process {pid} has ended"
+    if now and started is not None and now[1] > started + 2:  # 2 s: the boot time's jitter
+        return f"process {pid} is now another program, started after the lock was taken"
+    return None
+
+
+def _read_lock(lock: Path) -> dict | None:
+    try:
+        holder = json.loads(lock.read_text())
+        return holder if isinstance(holder, dict) else {}
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}  # unreadable: see _gone
+
+
+def _is_me(holder: dict) -> bool:
+    me = _this_process()
+    return holder.get("host") == me["host"] and holder.get("pid") == me["pid"]
+
+
+def _who(holder: dict) -> str:
+    if not holder.get("pid"):
+        return "an unreadable lock file"
+    since = holder.get("since") or 0
+    minutes = max(0, int(time.time() - since)) // 60
+    ago = f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
+    return (f"{holder.get('program', 'a run')} (process {holder.get('pid')} on "
+            f"{holder.get('host')}), since {time.strftime('%Y-%m-%d %H:%M', time.localtime(since))}"
+            f" ({ago} ago)")  # fmt: skip
+
+
+_held: set[Path] = set()
+
+
+def hold_run_folder(run_dir: Path | str, log=print, take: bool = True) -> bool:
+    """Make this process the one training run of ``run_dir`` until it exits (creates the folder).
+
+    A second training run on the folder stops here at once (:class:`RunFolderBusy`, naming
+    the holder): two runs would train the same models twice and overwrite each other's files.
+    The hold is this process's: calling again (rerunning cells in the same kernel) passes. A
+    lock whose holder is gone (its process ended or was killed, its id now names a later
+    process, or it ran on another server) is taken over with a note. Returns True when this
+    call took the folder, False when this process held it already; with ``take=False`` only
+    checks (``run.py``, before it starts a kernel that will take it).
+    """
+    run_dir = Path(run_dir).expanduser()
+    lock = run_dir / LOCK_NAME
+    holder = _read_lock(lock)
+    if holder is not None and _is_me(holder) and not _gone(holder):
+        return False
+    if holder is not None:
+        why = _gone(holder)
+        if why is None:
+            raise RunFolderBusy(
+                f"{run_dir} is held by another training run: {_who(holder)}. Two runs in one "
+                "folder would train the same models twice and overwrite each other's files. "
+                "Wait until it ends; or stop it (in its notebook: Kernel > Shut Down Kernel; "
+                f"else `kill {holder['pid']}` on {holder['host']}); or set RUN_DIR to another "
+                f"folder. (No such process any more? Delete {lock}.)"
+            )
+        if take:
+            log(f"note: took over {run_dir} from {_who(holder)}: {why}")
+    if not take:
+        return False
+    tmp = None
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{LOCK_NAME}.", dir=run_dir)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(_this_process(), fh)
+        if holder is not None:
+            os.replace(tmp, lock)
+        else:
+            try:  # a hard link appears whole, and only where no lock is: one of two racing wins
+                os.link(tmp, lock)
+            except FileExistsError:
+                return hold_run_folder(run_dir, log, take)
+            except OSError:  # a filesystem without hard links: no guard against that race
+                os.replace(tmp, lock)
+    except OSError as err:
+        raise cannot_write(lock, err) from None
+    finally:
+        if tmp and os.path.exists(tmp):
+            os.remove(tmp)
+    if not _held:
+        atexit.register(_release_all)
+    _held.add(lock)
+    return True
+
+
+def _release_all() -> None:
+    for lock in list(_held):
+        release_run_folder(lock.parent)
+
+
+def release_run_folder(run_dir: Path | str) -> None:
+    """Give the run folder up, if this process holds it (done at exit anyway)."""
+    lock = Path(run_dir).expanduser() / LOCK_NAME
+    holder = _read_lock(lock)
+    if holder is not None and _is_me(holder):
+        lock.unlink(missing_ok=True)
+    _held.discard(lock)
+
+
+def held_note(run_dir: Path | str, log=None) -> str | None:
+    """The sentence to show while a training run holds ``run_dir``, else None (and to ``log``).
+
+    The analysis and the hand-in only read the folder: they do not wait, but they say that
+    what they read may still change.
+    """
+    holder = _read_lock(Path(run_dir).expanduser() / LOCK_NAME)
+    if holder is None or _is_me(holder) or _gone(holder):
+        return None
+    note = (f"note: a training run still works in {run_dir}: {_who(holder)}. Its files may "
+            "change: run this again when it has finished.")  # fmt: skip
+    if log:
+        log(note)
+    return note
