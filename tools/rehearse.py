@@ -306,8 +306,8 @@ def _mtimes(folder: Path) -> dict[str, float]:
 def peaks(stages: list[dict], samples: list[tuple], skip: list[dict] = ()) -> list[dict]:
     """Each stage with the largest RSS and PSS sums (MB) of the samples within its window.
 
-    A stage shorter than the sampling interval takes the sample nearest its middle. Samples
-    within a window of ``skip`` are left out (run.py's own time is the rest of its window).
+    Samples within a window of ``skip`` are left out (run.py's own time is the rest of its
+    window). A stage with no sample (shorter than the interval) has no figure: None.
     """
     out = []
     for stage in stages:
@@ -317,26 +317,18 @@ def peaks(stages: list[dict], samples: list[tuple], skip: list[dict] = ()) -> li
             if stage["start"] <= s[0] <= stage["end"]
             and not any(k["start"] <= s[0] <= k["end"] for k in skip)
         ]
-        if not inside and samples and not skip:
-            middle = (stage["start"] + stage["end"]) / 2
-            inside = [min(samples, key=lambda s: abs(s[0] - middle))]
-        out.append(
-            {
-                **stage,
-                "peak_rss_mb": max((s[1] for s in inside), default=0) / 1024,
-                "peak_pss_mb": max((s[2] for s in inside), default=0) / 1024,
-            }
-        )
+        rss, pss = (max(s[i] for s in inside) / 1024 if inside else None for i in (1, 2))
+        out.append({**stage, "peak_rss_mb": rss, "peak_pss_mb": pss})
     return out
 
 
 def table(stages: list[dict], memory: bool) -> str:
+    """The stage table as printed: parts indented under their section; '-': no sample."""
     width = max(len(s["stage"]) + 4 for s in stages)
-    lines = [
-        f"{'stage':<{width}}  {'time s':>8}" + ("  peak RSS MB  peak PSS MB" if memory else "")
-    ]
+    keys = ("peak_rss_mb", "peak_pss_mb") if memory else ()
+    lines = [f"{'stage':<{width}}  {'time s':>8}" + "  peak RSS MB  peak PSS MB" * memory]
     for s in stages:
-        mem = f"  {s['peak_rss_mb']:>11.0f}  {s['peak_pss_mb']:>11.0f}" if memory else ""
+        mem = "".join(f"  {'-':>11}" if s[k] is None else f"  {s[k]:>11.0f}" for k in keys)
         name = ("    " if s.get("part") else "") + s["stage"]
         lines.append(f"{name:<{width}}  {s['seconds']:>8.1f}{mem}")
     return "\n".join(lines)
