@@ -161,11 +161,34 @@ THRESHOLD_GRID = np.arange(0.02, 0.981, 0.01)
 def best_global_threshold(
     targets: np.ndarray, probs: np.ndarray, grid=THRESHOLD_GRID
 ) -> tuple[float, float]:
-    """The single threshold with the best course F1 on these scores: ``(threshold, f1)``."""
+    """The single threshold with the best course F1 on these scores: ``(threshold, f1)``.
+
+    Scores above each cut (compared in float64, as :func:`apply_thresholds` does) are
+    counted from each class's sorted scores, not by thresholding the whole matrix once per
+    grid value: the same counts, 97 binary matrices fewer (3,250 x 80 scores: 47 ms -> 17 ms
+    here; threshold tuning calls this hundreds of times in the analysis).
+    """
     y = np.asarray(targets).astype(bool)
-    scores = [course_f1(y, np.asarray(probs) > t)["f1"] for t in grid]
+    probs = np.asarray(probs, dtype=np.float64)
+    grid = np.asarray(grid, dtype=np.float64)
+    predicted, tp = _counts_above(y, probs, grid)
+    scores = [course_scores(t, p - t, y.sum(0))["f1"] for t, p in zip(tp, predicted)]
     i = int(np.argmax(scores))
     return float(grid[i]), float(scores[i])
+
+
+def _counts_above(y: np.ndarray, probs: np.ndarray, cuts: np.ndarray) -> tuple:
+    """``(predicted, tp)``, each ``(len(cuts), C)``: images, and positives, scored above a cut."""
+    n = len(probs)
+    order = np.argsort(probs, axis=0, kind="stable")
+    ranked = np.take_along_axis(probs, order, 0)
+    pos_below = np.concatenate(  # positives among the k lowest scores, k = 0..n
+        [np.zeros((1, y.shape[1]), np.int64), np.cumsum(np.take_along_axis(y, order, 0), 0)]
+    )
+    at_most = np.stack([np.searchsorted(ranked[:, c], cuts, side="right")
+                        for c in range(y.shape[1])], 1)  # fmt: skip
+    tp = pos_below[-1] - np.take_along_axis(pos_below, at_most, 0)
+    return n - at_most, tp
 
 
 def per_class_thresholds(
@@ -181,32 +204,33 @@ def per_class_thresholds(
     below 0.5: public work measured about +30% relative F1 from this step. A class with fewer
     than ``min_positives`` validation positives would get a threshold fitted to one or two
     images, so it gets ``fallback`` (default: the best global threshold) instead. The F1 of
-    every cut comes from scikit-learn's ``precision_recall_curve``; among equal F1 the highest
-    cut wins (fewest predictions). The cut is placed half-way between the chosen score and
-    the next lower one (in float64: see :func:`apply_thresholds`), and kept inside ``bounds``.
+    every cut (each distinct score) comes from exact counts on the sorted scores, the counts of
+    scikit-learn's ``precision_recall_curve`` (which cost 54 ms for 3,250 x 80 scores against
+    9 ms); among equal F1 the highest cut wins (fewest predictions). The cut is placed
+    half-way between the chosen score and the next lower one (in float64: see
+    :func:`apply_thresholds`), and kept inside ``bounds``.
     """
-    from sklearn.metrics import precision_recall_curve
-
     y = np.asarray(targets).astype(bool)
     probs = np.asarray(probs, dtype=np.float64)
     if fallback is None:
         fallback = best_global_threshold(y, probs)[0]
     out = np.full(y.shape[1], float(fallback))
+    # each class's scores in decreasing order (one argsort for all classes); a cut at each
+    # distinct score predicts the images down to its last copy
+    order = np.argsort(probs, axis=0, kind="stable")[::-1]
+    ranked = np.take_along_axis(probs, order, 0)
+    hits = np.cumsum(np.take_along_axis(y, order, 0), 0)
     for c in range(y.shape[1]):
-        if int(y[:, c].sum()) < min_positives:
+        pos = int(hits[-1, c]) if len(y) else 0
+        if pos < min_positives or not len(y):
             continue
-        precision, recall, cuts = precision_recall_curve(y[:, c], probs[:, c])
-        precision, recall = precision[:-1], recall[:-1]  # the last pair has no cut
-        pos = int(y[:, c].sum())
-        tp = np.rint(recall * pos)  # back to counts: equal F1s then
-        with np.errstate(divide="ignore", invalid="ignore"):  # compare exactly (2PR/(P+R) rounds)
-            predicted = np.where(
-                precision > 0, np.rint(tp / np.where(precision > 0, precision, 1)), 0
-            )
-        f1 = 2 * tp / (predicted + pos)
-        j = len(f1) - 1 - int(np.argmax(f1[::-1]))  # predicted: score >= cuts[j]
-        below = probs[:, c][probs[:, c] < cuts[j]]
-        cut = (below.max() + cuts[j]) / 2 if len(below) else cuts[j] - 1e-6
+        last = np.flatnonzero(np.append(np.diff(ranked[:, c]) != 0, True))  # last of each value
+        tp = hits[last, c]
+        f1 = 2 * tp / (last + 1 + pos)  # exact counts: equal F1s compare equal
+        i = int(np.argmax(f1))  # the first maximum: the highest cut among equal F1
+        cut = ranked[last[i], c]
+        below = ranked[last[i] + 1, c] if last[i] + 1 < len(y) else None  # next lower score
+        cut = (below + cut) / 2 if below is not None else cut - 1e-6
         out[c] = float(np.clip(cut, *bounds))
     return out
 

@@ -191,3 +191,48 @@ def test_timm_asymmetric_loss_is_the_mean_over_images_and_reduces_to_bce():
         2 * float(asl(logits, y)), rel=1e-5
     )
     assert float(asl(logits, y)) < float(bce)
+
+
+def _pr_curve_thresholds(y, probs, min_positives, fallback, bounds=(0.02, 0.98)):
+    """Per-class thresholds from scikit-learn's precision_recall_curve: the computation
+    per_class_thresholds replaced (sorted counts give the same cuts, 3x faster)."""
+    from sklearn.metrics import precision_recall_curve
+
+    probs = np.asarray(probs, dtype=np.float64)
+    out = np.full(y.shape[1], float(fallback))
+    for c in range(y.shape[1]):
+        pos = int(y[:, c].sum())
+        if pos < min_positives:
+            continue
+        precision, recall, cuts = precision_recall_curve(y[:, c], probs[:, c])
+        tp = np.rint(recall[:-1] * pos)
+        predicted = np.rint(tp / np.where(precision[:-1] > 0, precision[:-1], 1))
+        f1 = 2 * tp / (np.where(precision[:-1] > 0, predicted, 0) + pos)
+        j = len(f1) - 1 - int(np.argmax(f1[::-1]))
+        below = probs[:, c][probs[:, c] < cuts[j]]
+        cut = (below.max() + cuts[j]) / 2 if len(below) else cuts[j] - 1e-6
+        out[c] = float(np.clip(cut, *bounds))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_thresholds_equal_the_computations_they_replaced(seed):
+    """Counted from sorted scores, the global and the per-class thresholds are exactly those of
+    thresholding the matrix at each grid value and of precision_recall_curve: ties, classes
+    with one positive or none, float32 scores, the guard."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(20, 300))
+    y = rng.random((n, NUM_CLASSES)) < rng.uniform(0.002, 0.4, NUM_CLASSES)
+    probs = (rng.random(y.shape) * (0.5 + y)).clip(0, 1).astype(np.float32)
+    if seed % 2:
+        probs = np.round(probs, 1)  # many ties
+    # class 1: two cuts of equal F1 (1 of 1 predicted right, 2 of 4): the higher one is kept
+    y[:, 1], probs[:, 1] = False, 0.1
+    y[:4, 1], probs[:4, 1] = [True, False, False, True], [0.9, 0.8, 0.7, 0.6]
+    scores = [metrics.course_f1(y, probs > t)["f1"] for t in metrics.THRESHOLD_GRID]
+    i = int(np.argmax(scores))
+    assert metrics.best_global_threshold(y, probs) == (metrics.THRESHOLD_GRID[i], scores[i])
+    for min_positives in (1, 5):
+        got = metrics.per_class_thresholds(y, probs, min_positives, fallback=0.3)
+        assert np.array_equal(got, _pr_curve_thresholds(y, probs, min_positives, 0.3))
+        assert got[1] == (pytest.approx(0.85) if min_positives <= 2 else 0.3)
