@@ -48,7 +48,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCE = Path(os.environ.get("COCO_REAL_TRAIN", ROOT.parent / "shared" / "real-coco-train"))
+SOURCE = ROOT.parent / "shared" / "real-coco-train"  # 678 labelled real photos (DESIGN.md)
 #: The rehearsal's ids start here: 12 digits, far above real COCO ids (below 600,000).
 FIRST_ID = 900_000_000_000
 MANIFEST = "data-manifest.json"
@@ -490,7 +490,6 @@ def main(argv=None) -> int:
     add("--quiet", action="store_true", help="the table only, not run.py's lines")
     args = parser.parse_args(argv)
     out = args.out.expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
     sampler = Sampler()
     sampler.start()
     t0 = time.time()
