@@ -117,13 +117,14 @@ def uses_cpu_recipe(args, cuda: bool | None = None) -> bool:
 
         cuda = torch.cuda.is_available()
     named = args.backbones or any(name == "BACKBONES" for name, _ in args.parameter)
-    return bool(args.data_root) and not named and not cuda and not args.smoke
+    return args.data_root not in (None, "demo") and not named and not cuda and not args.smoke
 
 
 def parameters_of(args) -> dict:
     """The challenge notebook's parameters for this command line (papermill's ``parameters``)."""
-    params = dict(SMOKE if args.smoke else DEMO if not args.data_root else {})
-    if args.data_root:
+    demo = args.data_root in (None, "demo")  # demo data only when asked for, or by default
+    params = dict(SMOKE if args.smoke else DEMO if demo else {})
+    if not demo:
         params["DATA_ROOT"] = from_root(Path(args.data_root).expanduser().resolve(), args.data_root)
         params.setdefault("RUN_DIR", "runs/main")
     if args.backbones:
@@ -146,7 +147,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--data-root", help="challenge-layout folder (default: demo data)")
+    parser.add_argument("--data-root", help="challenge-layout folder (default or demo: demo data)")
     parser.add_argument("--run-dir", help="output folder (default: runs/demo, runs/main, ...)")
     parser.add_argument("--backbones", help="comma-separated registry names")
     parser.add_argument(
@@ -168,6 +169,11 @@ def main(argv=None) -> int:
         help="copy the executed notebooks over the committed ones",
     )
     args = parser.parse_args(argv)
+    if args.data_root is not None and not args.data_root.strip():  # an empty shell variable
+        parser.error(
+            "--data-root is empty: give the unzipped ms-coco folder, or leave --data-root out "
+            "(or give --data-root demo) for generated demo data"
+        )
     params = parameters_of(args)
     os.chdir(ROOT)  # the paths in params are the kernels', which start here
     run_dir = Path(params["RUN_DIR"])

@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 
 from .config import CLASSES, COURSE_DATA_ROOT, NUM_CLASSES
 from .demo import make_demo_data
+from .files import SaysWhatToDo
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -30,11 +31,16 @@ LAYOUT_HELP = (
     "  <root>/images/train-resized/<12-digit id>.jpg   training images\n"
     "  <root>/labels/train/<12-digit id>.cls           one class index (0..79) per line\n"
     "  <root>/images/test-resized/<12-digit id>.jpg    test images (no labels)\n"
+    "Each file directly in its folder, images named .jpg (lower case).\n"
     f"On the course JupyterHub the data usually lives in {COURSE_DATA_ROOT}."
 )
+#: Suffixes of image files: one of them on a file that is not named ``.jpg`` is a misnamed
+#: image, which the course's datasets (they list ``*.jpg``) would silently leave out.
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif",
+                  ".tiff"}  # fmt: skip
 
 
-class DataError(ValueError):
+class DataError(SaysWhatToDo, ValueError):
     """Bad input data: the message names the file (and line) and says what to do."""
 
 
@@ -45,8 +51,21 @@ def data_paths(root: Path | str) -> dict:
 
 
 def check_data_root(root: Path | str, need_test: bool = True) -> dict:
-    """Fail before any training when the data folder is not in the challenge layout."""
+    """Fail before any training when the data folder is not in the challenge layout.
+
+    Each folder must hold its files directly, named as the course's datasets read them: a
+    folder unzipped one level too deep, or images named ``.jpeg``/``.JPG``/``.png``, would
+    otherwise read as "0 test images" and fail only after training.
+    """
+    if not str(root).strip():
+        raise DataError(
+            f'DATA_ROOT is empty: set it to the unzipped ms-coco folder, or to "{DEMO}" for '
+            f"generated demo data.\n{LAYOUT_HELP}"
+        )
     root = Path(root).expanduser()
+    if root.is_file():
+        unzip = f" (unzip it first: unzip {root} -d <folder>)" if root.suffix == ".zip" else ""
+        raise DataError(f"data root {root} is a file, not a folder{unzip}.\n{LAYOUT_HELP}")
     if not root.is_dir():
         raise DataError(
             f"data root {root} does not exist.\n{LAYOUT_HELP}\nWithout the course "
@@ -57,11 +76,38 @@ def check_data_root(root: Path | str, need_test: bool = True) -> dict:
         if key == "test_images" and not need_test:
             continue
         if not path.is_dir():
-            raise DataError(f"{path} is missing under the data root {root}.\n{LAYOUT_HELP}")
-        with os.scandir(path) as it:
-            if not any(True for _ in it):
-                raise DataError(f"{path} is empty.\n{LAYOUT_HELP}")
+            deeper = [p.parents[len(LAYOUT[key].parts) - 1] for p in root.glob(f"*/{LAYOUT[key]}")]
+            hint = f"\nIt is one folder deeper: set DATA_ROOT to {min(deeper)}." if deeper else ""
+            raise DataError(f"{path} is missing under the data root {root}.{hint}\n{LAYOUT_HELP}")
+        _check_folder(path, ".cls" if key == "train_labels" else ".jpg")
     return paths
+
+
+def _check_folder(path: Path, suffix: str) -> None:
+    """Stop unless ``path`` holds its files directly, each image named ``.jpg``."""
+    with os.scandir(path) as it:
+        names = [e.name for e in it if not e.name.startswith(".")]
+    if suffix == ".jpg":
+        other = sorted(n for n in names if Path(n).suffix.lower() in IMAGE_SUFFIXES
+                       and not n.endswith(".jpg"))  # fmt: skip
+        if other:
+            raise DataError(
+                f"{len(other)} images in {path} are not named <id>.jpg, e.g. {other[:3]}: the "
+                "datasets read only .jpg files, so they would be left out. Rename them to "
+                "<id>.jpg (same id), or extract the folder again from the course's zip file."
+            )
+    if any(n.endswith(suffix) for n in names):
+        return
+    for name in sorted(names):
+        inner = path / name
+        if inner.is_dir() and any(n.endswith(suffix) for n in os.listdir(inner)):
+            raise DataError(
+                f"{path} holds no {suffix} files, but {inner} does: the files are one folder "
+                f"too deep. Move them up (mv {inner}/* {path}/), or unzip the course's zip file "
+                f"again so that they sit directly in {path.name}.\n{LAYOUT_HELP}"
+            )
+    what = "is empty" if not names else f"holds no {suffix} files (only {sorted(names)[:3]})"
+    raise DataError(f"{path} {what}.\n{LAYOUT_HELP}")
 
 
 #: The value of ``DATA_ROOT`` that asks for generated demo data.
@@ -89,11 +135,6 @@ def resolve_data_root(
         except ValueError as err:
             raise DataError(str(err)) from None
         return Path(demo_dir), True
-    if not str(root):
-        raise DataError(
-            "DATA_ROOT is empty: set it to the unzipped ms-coco folder, or to "
-            f'"{DEMO}" for generated demo data.'
-        )
     check_data_root(root)
     return Path(root).expanduser(), False
 
@@ -169,7 +210,7 @@ def load_rgb(path: Path | str) -> Image.Image:
         with Image.open(path) as img:
             img.load()
             return img.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as err:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise DataError(
             f"{path}: cannot be read as an image ({err}); re-extract it from the course's zip "
             "file (the start-up scan, scan.scan_data, finds such files before training)"

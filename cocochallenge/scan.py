@@ -12,7 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -25,7 +27,13 @@ from .files import save_json
 _IMAGE_MAGIC = {b"\x89PNG": "PNG", b"GIF8": "GIF", b"BM": "BMP", b"RIFF": "WEBP",
                 b"II*\x00": "TIFF", b"MM\x00*": "TIFF"}  # fmt: skip
 #: Bumped when the verdicts' meaning changes, so that old cache files are not trusted.
-VERDICT_VERSION = 2
+VERDICT_VERSION = 3
+#: The longest side an image may have. The course's images are at most 224 px: a far larger
+#: file is not one of them, and decoding it costs seconds and gigabytes (PIL itself warns from
+#: 89 million pixels, and refuses 179 million with a DecompressionBombError).
+MAX_IMAGE_SIDE = 4096
+TOO_LARGE = (f"over the limit of {MAX_IMAGE_SIDE} px a side: not one of the course's images "
+             "(at most 224 px)")  # fmt: skip
 
 
 def check_image_file(path: Path | str) -> tuple[str | None, str | None]:
@@ -40,8 +48,15 @@ def check_image_file(path: Path | str) -> tuple[str | None, str | None]:
             return "empty file (0 bytes)", None
         with open(path, "rb") as fh:
             head = fh.read(4)
-        with Image.open(path) as img:
-            img.load()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # said below
+            with Image.open(path) as img:
+                if max(img.size) > MAX_IMAGE_SIDE:
+                    return f"{img.size[0]}x{img.size[1]} pixels, {TOO_LARGE}", None
+                img.load()
+    except Image.DecompressionBombError as err:  # PIL refuses it before reading its size
+        pixels = re.search(r"\d+ pixels", str(err))
+        return f"{pixels[0] if pixels else 'too many pixels'}, {TOO_LARGE}", None
     except (OSError, SyntaxError, ValueError) as err:
         if isinstance(err, OSError) and not path.is_file():
             return f"cannot be opened ({err})", None
@@ -71,7 +86,12 @@ def check_images(files: list[Path], cache: Path | None = None, workers: int | No
     A verdict is reused only for a file of the same size and modification time (a replaced or
     re-extracted file is decoded again). ``cache`` is rewritten with the verdicts of ``files``.
     """
-    stats = {str(f): os.stat(f) for f in files}
+    stats, out = {}, {}
+    for f in files:
+        try:
+            stats[str(f)] = os.stat(f)
+        except OSError as err:  # a link to nothing, a link loop
+            out[str(f)] = (f"cannot be opened ({err.strerror})", None)
     saved = {}
     if cache is not None and cache.is_file():
         try:
@@ -79,7 +99,7 @@ def check_images(files: list[Path], cache: Path | None = None, workers: int | No
             saved = data["verdicts"] if data.get("version") == VERDICT_VERSION else {}
         except (OSError, ValueError, KeyError):
             saved = {}  # an unreadable cache is only a slower scan
-    out, todo = {}, []
+    todo = []
     where = {name: os.path.abspath(name) for name in stats}  # the same file, however reached
     for name, st in stats.items():
         old = saved.get(where[name])
@@ -104,7 +124,10 @@ def check_images(files: list[Path], cache: Path | None = None, workers: int | No
             out.update(zip(chunk, _check_many(chunk)))
     if cache is not None and todo:
         verdicts = {where[n]: [stats[n].st_size, stats[n].st_mtime_ns, *out[n]] for n in stats}
-        save_json({"version": VERDICT_VERSION, "verdicts": verdicts}, cache, indent=None)
+        try:
+            save_json({"version": VERDICT_VERSION, "verdicts": verdicts}, cache, indent=None)
+        except OSError:
+            pass  # a cache that cannot be written is only a slower scan next time
     return out, len(todo)
 
 
@@ -169,7 +192,7 @@ def scan_data(root: Path | str, max_skip_fraction: float = 0.01, cache: bool = T
             test_problems.append(f"{path}: {problem}")
     if test_problems:
         raise DataError(
-            f"{len(test_problems)} test images do not decode, and every test image must be "
+            f"{len(test_problems)} test images cannot be used, and every test image must be "
             "predicted:\n  "
             + "\n  ".join(test_problems[:10])
             + "\nNothing was trained. Re-extract images/test-resized from the course's zip "
