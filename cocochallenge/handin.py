@@ -11,7 +11,7 @@ import json
 import zipfile
 from pathlib import Path
 
-from .files import atomic_path, load_json
+from .files import CannotWrite, CorruptFile, atomic_path, held_note, load_json
 from .submission import SubmissionError, read_submission, validate_submission
 
 #: Files of the project packed beside the run (the library and how to run it).
@@ -47,7 +47,10 @@ def notebook_problems(path: Path, run_dir: Path) -> list[str]:
     folder being packed. Cells from the one tagged ``handin`` on may be unexecuted: that is
     the cell that makes the zip.
     """
-    nb = json.loads(Path(path).read_text())
+    try:
+        nb = load_json(path)
+    except CorruptFile:
+        return [f"{path.name} is not a readable notebook (cut off or overwritten): run it again"]
     problems, counts = [], []
     for cell in nb["cells"]:
         if cell["cell_type"] != "code":
@@ -106,10 +109,13 @@ def find_test_dir(run_dir: Path, given: Path | str | None = None) -> tuple[Path 
     root the run recorded (summary.json, then config.json; a demo run's generated folder)."""
     if given:
         path = Path(given)
-        return (path, "given") if path.is_dir() else (None, f"{path} (given) does not exist")
+        return (path, "given") if path.is_dir() else (None, f"{path} (given) is not a folder")
     for name in ("summary.json", "config.json"):
-        record = load_json(run_dir / name) if (run_dir / name).is_file() else {}
-        root = record.get("data_root")
+        try:
+            record = load_json(run_dir / name) if (run_dir / name).is_file() else {}
+        except CorruptFile:
+            continue  # pack names it
+        root = record.get("data_root") if isinstance(record, dict) else None
         if root == "demo":
             root = record.get("demo_dir")
         if root:
@@ -137,11 +143,20 @@ def pack(run_dir: Path | str, out: Path | str | None = None, max_mb: float = 20.
     required = (*NOTEBOOKS, "run/submission.json", "run/results.csv", "run/config.json",
                 "run/environment.json")  # fmt: skip
     problems = [f"{name} is missing" for name in required if name not in files]
+    held_note(run_dir, log)
+    for name, path in files.items():
+        if name.startswith("run/") and name.endswith(".json") and name != "run/submission.json":
+            try:
+                load_json(path)
+            except CorruptFile as err:
+                problems.append(str(err))
     if "run/submission.json" in files:
         folder, how = find_test_dir(run_dir, test_dir)
+        if test_dir and folder is None:
+            problems.append(f"the test folder {how}: give images/test-resized with --test-dir")
         try:
             validate_submission(read_submission(files["run/submission.json"]), folder)
-            if folder is None:
+            if folder is None and not test_dir:
                 log(
                     f"NOT CHECKED: whether every test image has a prediction ({how}); the "
                     "form of the submission was checked. Give the test folder with --test-dir."
@@ -159,10 +174,14 @@ def pack(run_dir: Path | str, out: Path | str | None = None, max_mb: float = 20.
     if problems:
         log("hand-in NOT written:\n  " + "\n  ".join(problems))
         return None
-    with atomic_path(out) as tmp:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-            for name, path in files.items():
-                zf.write(path, name)
+    try:
+        with atomic_path(out) as tmp:
+            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+                for name, path in files.items():
+                    zf.write(path, name)
+    except CannotWrite as err:
+        log(f"hand-in NOT written: {err}")
+        return None
     zip_size = out.stat().st_size
     if zip_size > max_mb * 1e6:
         out.unlink()

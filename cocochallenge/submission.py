@@ -13,11 +13,11 @@ import numpy as np
 
 from .config import NUM_CLASSES
 from .data import list_files
-from .files import atomic_path, load_json
+from .files import SaysWhatToDo, atomic_path, load_json
 from .metrics import evaluate_predictions
 
 
-class SubmissionError(ValueError):
+class SubmissionError(SaysWhatToDo, ValueError):
     """A submission that the leaderboard would reject or misread; nothing was written."""
 
 
@@ -40,13 +40,23 @@ def read_submission(path: Path | str) -> dict:
     :class:`SubmissionError` in one worded line, with the position of the error."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
     except OSError as err:
         raise SubmissionError(f"{path}: cannot be read ({err.strerror or err})") from None
+    except UnicodeDecodeError as err:
+        raise SubmissionError(
+            f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at position {err.start}): "
+            "not a JSON file, or saved in another encoding; write it with write_submission"
+        ) from None
     if not text.strip():
         raise SubmissionError(f"{path}: the file is empty")
     try:
         return json.loads(text, object_pairs_hook=_no_duplicates)
+    except RecursionError:
+        raise SubmissionError(
+            f"{path}: nested too deeply to read: a submission is one object of lists of class "
+            "indices, nested twice"
+        ) from None
     except json.JSONDecodeError as err:
         hint = ""
         if "property name" in err.msg and text[: err.pos].rstrip().endswith(","):
@@ -72,6 +82,8 @@ def submission_problems(sub, test_stems=None) -> list[str]:
     """Every reason the leaderboard would reject or misread ``sub`` (empty list: valid)."""
     if not isinstance(sub, dict):
         return [f"the submission must be a JSON object (dict), not {type(sub).__name__}"]
+    if not sub:
+        return ["the submission is empty: it has no prediction at all"]
     problems = []
     for key, value in sub.items():
         if not isinstance(key, str) or not (len(key) == 12 and key.isdigit()):
@@ -106,7 +118,18 @@ def validate_submission(sub, test_dir: Path | str | None = None) -> None:
     must appear exactly once (JSON keys are unique, so 'once' means 'present')."""
     stems = None
     if test_dir is not None:
+        if not Path(test_dir).is_dir():
+            what = "is a file" if Path(test_dir).exists() else "does not exist"
+            raise SubmissionError(
+                f"the test folder {test_dir} {what}: give the images/test-resized folder of the "
+                "course's data, to check that every test image has its prediction"
+            )
         stems = [n[:-4] for n in list_files(test_dir, ".jpg")]
+        if not stems:
+            raise SubmissionError(
+                f"the test folder {test_dir} holds no .jpg image: nothing to check against; give "
+                "the images/test-resized folder of the course's data"
+            )
     problems = submission_problems(sub, stems)
     if problems:
         more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
