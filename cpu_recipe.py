@@ -135,6 +135,7 @@ def run(
 ) -> dict:
     """Fit the recipe on ``data_root`` into ``run_dir``; write the submission; its summary."""
     t_start = time.perf_counter()
+    took = files.hold_run_folder(run_dir, log=log)  # one training run per folder: until it ends
     log(config.keep_freed_memory())
     names = [member_name(*m) for m in members]
     # the library's options (COCO_OPTIONS may change them); the arguments are the parameters, and
@@ -266,4 +267,6 @@ def run(
     }
     files.save_json(summary, run_dir / "summary.json")
     log(f"chosen: {best}; submission {files.shown_path(path)} ({len(sub)} test images)")
+    if took:  # the analysis may read the folder now (else at exit, or after an error)
+        files.release_run_folder(run_dir)
     return summary

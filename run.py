@@ -42,7 +42,8 @@ SMOKE = {
 #: marked modified at once.
 KERNELSPEC = {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}
 #: Errors whose message says what to do: printed alone, their traceback left in the notebook.
-SELF_EXPLAINING = ("DataError", "StaleRunError", "SubmissionError", "WeightsUnavailable")
+SELF_EXPLAINING = ("DataError", "StaleRunError", "SubmissionError", "WeightsUnavailable",
+                   "RunFolderBusy", "CannotWrite", "CorruptFile")  # fmt: skip
 
 
 def kernel_environment() -> dict:
@@ -193,6 +194,9 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     try:
+        from cocochallenge.files import hold_run_folder
+
+        hold_run_folder(run_dir, take=False)  # another run there: stop before starting a kernel
         if uses_cpu_recipe(args):
             import cpu_recipe
 
