@@ -4,6 +4,7 @@ import json
 import os
 import random
 import shutil
+import socket
 import subprocess
 import sys
 import warnings
@@ -199,11 +200,13 @@ def test_a_changed_test_folder_rescores_the_test_images_only(tmp_path, demo_root
         ('{"000000000001": [1], "000000000002": [', "ends too early"),
         ("", "the file is empty"),
         ('{"000000000001": [1],\n "000000000001": [2]}', "duplicate image ids ['000000000001']"),
+        ('{"000000000001": [1]} \xe9'.encode("latin-1"), "not UTF-8 text"),
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
     ],
 )
 def test_broken_submission_files_are_said_in_one_line(tmp_path, text, expected):
     path = tmp_path / "submission.json"
-    path.write_text(text)
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
     with pytest.raises(submission.SubmissionError) as err:
         submission.read_submission(path)
     assert expected in str(err.value) and "\n" not in str(err.value)
@@ -297,3 +300,57 @@ def test_course_dataset_reads_an_empty_label_file(root):
     f.write_text("")
     ds = h.COCOTrainImageDataset(root / "images/train-resized", root / "labels/train")
     assert ds[data.stems(ds).index(f.stem)][1].sum() == 0
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "cocochallenge", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+
+
+def test_validate_and_handin_say_a_wrong_test_folder_in_words(tmp_path):
+    """A test folder that is missing, a file or empty: never a traceback, never "valid"."""
+    run_dir = _run_folder(tmp_path, {"000000000001": [0], "000000000002": [1]}, True)
+    sub = run_dir / "submission.json"
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "empty").mkdir()
+    for folder, said in (("nowhere", "does not exist"), ("a-file", "is a file"),
+                         ("empty", "holds no .jpg image")):  # fmt: skip
+        out = _cli("validate", sub, tmp_path / folder)
+        assert out.returncode == 1 and said in out.stderr and "Traceback" not in out.stderr
+        out = _cli("handin", run_dir, "--test-dir", tmp_path / folder)
+        assert out.returncode == 1 and "hand-in NOT written" in out.stdout, out.stderr
+        assert "Traceback" not in out.stderr
+    (sub).write_text("{}")
+    out = _cli("validate", sub, tmp_path / "empty")
+    assert out.returncode == 1 and "valid" not in out.stdout
+
+
+def test_handin_names_a_damaged_config_json(tmp_path):
+    """The run's config.json cut off, and no summary.json: the hand-in names the file."""
+    run_dir = _run_folder(tmp_path, {"000000000001": [0], "000000000002": [1]}, False)
+    config = run_dir / "config.json"
+    config.write_text(config.read_text()[:10])
+    out = _cli("handin", run_dir)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert f"{config} is damaged" in out.stdout and "run the challenge notebook" in out.stdout
+
+
+def test_run_py_stops_at_once_on_a_folder_another_run_holds(tmp_path):
+    """A second run.py (or a notebook and run.py) on one folder: stopped before any kernel
+    starts, with the holder named; nothing written."""
+    holder = subprocess.Popen(["sleep", "60"])
+    try:
+        run_dir = tmp_path / "run"
+        run_dir.mkdir()
+        lock = {"host": socket.gethostname(), "pid": holder.pid, "since": 0, "program": "x",
+                "started": files._process(holder.pid)[1]}  # fmt: skip
+        (run_dir / files.LOCK_NAME).write_text(json.dumps(lock))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("COCO_")}
+        args = [sys.executable, "run.py", "--run-dir", str(run_dir), "--smoke"]
+        out = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "RunFolderBusy" in out.stderr and f"process {holder.pid} on" in out.stderr
+    assert sorted(p.name for p in run_dir.iterdir()) == [files.LOCK_NAME]

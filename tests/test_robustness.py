@@ -174,11 +174,12 @@ def test_test_images_overlapping_training_stop(data):
 
 def test_unreadable_test_image_stops(data):
     _truncate(_first(data, "images/test-resized"))
-    with pytest.raises(cdata.DataError, match="test images do not decode"):
+    with pytest.raises(cdata.DataError, match="test images cannot be used"):
         scan.scan_data(data)
 
 
 # ---- safe outputs ---------------------------------------------------------------------
+@pytest.mark.quick
 def test_disk_full_half_way_through_keeps_old_submission(tmp_path, monkeypatch):
     """The disk fills up after half the new file is written: the old submission stays whole.
     A write_submission that wrote in place would leave a torn, unreadable file here."""
@@ -204,11 +205,12 @@ def test_disk_full_half_way_through_keeps_old_submission(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+@pytest.mark.quick
 def test_checkpoint_write_failure_keeps_previous(tmp_path, monkeypatch):
     path = files.torch_save_atomic({"epoch": 1}, tmp_path / "last.pt")
 
-    def boom(obj, f, *a, **k):
-        Path(f).write_bytes(b"partial")
+    def boom(obj, f, *a, **k):  # half a checkpoint reaches the disk, then the run dies
+        f.write(b"partial") if hasattr(f, "write") else Path(f).write_bytes(b"partial")
         raise RuntimeError("killed")
 
     monkeypatch.setattr(torch, "save", boom)
@@ -341,12 +343,15 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, demo_root):
     proc.wait()
     assert not (run_dir / "models/efficientnet_lite0/result.json").exists()
     assert torch.load(ckpt, weights_only=False)["epoch"] < 3  # not finished when killed
+    assert (run_dir / files.LOCK_NAME).exists()  # the killed run's hold: stale now
 
     out = subprocess.run(
         **_driver(tmp_path, demo_root, run_dir), capture_output=True, text=True, timeout=600
     )
     assert "FINISHED" in out.stdout, out.stderr[-2000:]
     assert "resuming after epoch" in out.stdout
+    assert f"note: took over {run_dir} from " in out.stdout  # its lock; released at exit
+    assert not (run_dir / files.LOCK_NAME).exists()
     a = np.load(ref_dir / "models/efficientnet_lite0/val_scores.npz")
     b = np.load(run_dir / "models/efficientnet_lite0/val_scores.npz")
     np.testing.assert_allclose(a["probs_tta"], b["probs_tta"], atol=1e-5)
