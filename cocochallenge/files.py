@@ -320,7 +320,7 @@ def hold_run_folder(run_dir: Path | str, log=print, take: bool = True) -> bool:
     lock whose holder is gone (its process ended or was killed, its id now names a later
     process, or it ran on another server) is taken over with a note. Returns True when this
     call took the folder, False when this process held it already; with ``take=False`` only
-    checks (``run.py``, before it starts a kernel that will take it).
+    checks that the folder is free and writable (``run.py``, before it starts a kernel).
     """
     run_dir = Path(run_dir).expanduser()
     lock = run_dir / LOCK_NAME
@@ -339,14 +339,14 @@ def hold_run_folder(run_dir: Path | str, log=print, take: bool = True) -> bool:
             )
         if take:
             log(f"note: took over {run_dir} from {_who(holder)}: {why}")
-    if not take:
-        return False
     tmp = None
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{LOCK_NAME}.", dir=run_dir)
         with os.fdopen(fd, "w") as fh:
             json.dump(_this_process(), fh)
+        if not take:
+            return False  # free and writable: the run that takes it will not fail here
         if holder is not None:
             os.replace(tmp, lock)
         else:

@@ -236,6 +236,7 @@ def test_an_unwritable_run_folder_is_one_sentence(tmp_path, monkeypatch, code, t
         lambda: files.save_json({"a": 1}, tmp_path / "run/config.json"),
         lambda: files.torch_save_atomic({"a": 1}, tmp_path / "run/frozen_last.pt"),
         lambda: files.hold_run_folder(tmp_path / "run"),
+        lambda: files.hold_run_folder(tmp_path / "run", take=False),  # run.py, before a kernel
     ):
         with pytest.raises(files.CannotWrite) as err:
             write()
