@@ -13,7 +13,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import (
+    BatchSampler,
+    ConcatDataset,
+    DataLoader,
+    Dataset,
+    RandomSampler,
+    SequentialSampler,
+)
 
 from .config import progress
 from .files import StaleRunError, differences, torch_save_atomic
@@ -158,18 +165,100 @@ def cached_features(
     path = Path(path)
     key = {**(key or {}), "rows": len(loader.dataset)}
     if path.exists():
-        saved = torch.load(path, map_location="cpu", weights_only=False)
-        diffs = differences(saved.get("key", {}), key)
-        if diffs:
-            raise StaleRunError(
-                f"{path} was computed for other images or preprocessing:\n  "
-                + "\n  ".join(diffs)
-                + "\nUse a new RUN_DIR, or RETRAIN this backbone."
-            )
-        return saved["feats"]
+        return _load_features(path, key)
     feats = extract_features(backbone, loader, device, **kwargs)
     torch_save_atomic({"key": key, "feats": feats}, path)
     return feats
+
+
+def _load_features(path: Path, key: dict) -> torch.Tensor:
+    """The saved features at ``path``, refused (StaleRunError) when saved under another key."""
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    diffs = differences(saved.get("key", {}), key)
+    if diffs:
+        raise StaleRunError(
+            f"{path} was computed for other images or preprocessing:\n  "
+            + "\n  ".join(diffs)
+            + "\nUse a new RUN_DIR, or RETRAIN this backbone."
+        )
+    return saved["feats"]
+
+
+class _ImagesOf(Dataset):
+    """The images of several datasets one after the other, without their second items (labels
+    in one part, file stems in another would not batch together)."""
+
+    def __init__(self, datasets):
+        self.images = ConcatDataset(datasets)
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i][0], 0
+
+
+def one_pass_loader(loaders: list[DataLoader]) -> DataLoader:
+    """One loader over the images of ``loaders``, in their order, with the first one's settings.
+
+    Each loader with workers starts its own processes and fills its own pipeline before its
+    first batch: measured here (EfficientNet-Lite0, 128 px, 2 workers, 2 cores) 1.9 s more for
+    a train and a validation loader than for one loader over both, the same per image.
+    """
+    for loader in loaders:
+        if not isinstance(loader.sampler, SequentialSampler) or loader.drop_last:
+            raise ValueError("features need every image in order: a loader without shuffle "
+                             "or drop_last")  # fmt: skip
+    if len(loaders) == 1:
+        return loaders[0]
+    first = loaders[0]
+    workers = first.num_workers
+    more = dict(prefetch_factor=first.prefetch_factor, persistent_workers=False) if workers else {}
+    return DataLoader(
+        _ImagesOf([loader.dataset for loader in loaders]),
+        batch_size=first.batch_size,
+        num_workers=workers,
+        pin_memory=first.pin_memory,
+        worker_init_fn=first.worker_init_fn,
+        multiprocessing_context=first.multiprocessing_context,
+        **more,
+    )
+
+
+def extract_feature_parts(backbone: nn.Module, loaders: dict, device, **kwargs) -> dict:
+    """:func:`extract_features` of several parts (``{name: loader}``) in one pass over all their
+    images (:func:`one_pass_loader`): one start of the loader's workers, not one per part."""
+    names = list(loaders)
+    feats = extract_features(backbone, one_pass_loader(list(loaders.values())), device, **kwargs)
+    sizes = [len(loaders[n].dataset) for n in names]
+    if len(names) == 1:
+        return {names[0]: feats}
+    # each part its own copy: a saved view would save the whole pass's storage
+    return {n: f.clone() for n, f in zip(names, torch.split(feats, sizes))}
+
+
+def cached_feature_parts(
+    paths: dict, backbone, loaders: dict, device, key: dict | None = None, **kwargs
+) -> dict:
+    """:func:`cached_features` of several parts (``{part: path}``, ``{part: loader}``), the parts
+    not saved yet computed in one pass (:func:`extract_feature_parts`).
+
+    Each part keeps its own file, saved atomically, and its own key, ``key`` with ``"part"``
+    and ``"rows"`` added: the files and keys :func:`cached_features` writes with ``key={**key,
+    "part": part}``, so each checks and reuses the other's. A saved part with another key stops
+    the run before anything is computed.
+    """
+    keys = {part: {**(key or {}), "part": part, "rows": len(loaders[part].dataset)}
+            for part in paths}  # fmt: skip
+    out = {
+        part: _load_features(Path(p), keys[part]) for part, p in paths.items() if Path(p).exists()
+    }
+    todo = {part: loaders[part] for part in paths if part not in out}
+    if todo:
+        for part, feats in extract_feature_parts(backbone, todo, device, **kwargs).items():
+            torch_save_atomic({"key": keys[part], "feats": feats}, paths[part])
+            out[part] = feats
+    return {part: out[part] for part in paths}
 
 
 class CachedFeatures(Dataset):

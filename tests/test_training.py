@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import helpers as h
-from cocochallenge import budget, checkpoints, models, training
+from cocochallenge import budget, checkpoints, files, models, training
 from cocochallenge.config import NUM_CLASSES
 
 
@@ -165,3 +165,79 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
                              text=True, check=True)  # fmt: skip
         faults[mode] = int(out.stdout.strip().splitlines()[-1])
     assert faults["default"] > 50_000 and faults["keep"] < 0.1 * faults["default"], faults
+
+
+class _Recorder(nn.Module):
+    """A backbone that records the rows of every batch it sees (its features: the rows' sums)."""
+
+    def __init__(self):
+        super().__init__()
+        self.batches = []
+
+    def forward(self, x):
+        self.batches.append(len(x))
+        return x.flatten(1).sum(1, keepdim=True).repeat(1, 3)
+
+
+def _parts(workers=0):
+    """A train part (images, labels) and a test part (images, file stems), in ordered loaders."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    train = TensorDataset(torch.rand(6, 1, 2, 2, generator=g), torch.zeros(6, NUM_CLASSES))
+    stems = [f"{i:012d}" for i in range(3)]
+    test = [(x, s) for x, s in zip(torch.rand(3, 1, 2, 2, generator=g), stems)]
+    parts = {"train": train, "test": test}
+    return {p: DataLoader(d, batch_size=4, num_workers=workers) for p, d in parts.items()}
+
+
+def test_feature_parts_come_from_one_pass_and_equal_each_part_alone(tmp_path):
+    """One loader over both parts (batches of 4, 4, 1 where two loaders give 4, 2 and 3), its
+    rows split back per part; each file is the one cached_features reads with the part's key."""
+    loaders, key = _parts(), {"backbone": "b", "images": "split1"}
+    paths = {p: tmp_path / f"features_{p}.pt" for p in loaders}
+    backbone = _Recorder()
+    feats = training.cached_feature_parts(
+        paths, backbone, loaders, "cpu", key=key, show_progress=False
+    )
+    assert backbone.batches == [4, 4, 1]
+    for part, loader in loaders.items():
+        alone = training.extract_features(_Recorder(), loader, "cpu", show_progress=False)
+        assert torch.equal(feats[part], alone)
+        saved = torch.load(paths[part], weights_only=False)["feats"]
+        assert saved.untyped_storage().nbytes() == alone.numel() * alone.element_size()
+        again = training.cached_features(
+            paths[part], _Recorder(), loader, "cpu", key={**key, "part": part}
+        )
+        assert torch.equal(again, alone)
+
+
+def test_feature_parts_compute_only_the_missing_part_and_refuse_a_stale_one(tmp_path):
+    loaders, key = _parts(), {"backbone": "b", "images": "split1"}
+    paths = {p: tmp_path / f"features_{p}.pt" for p in loaders}
+    training.cached_features(
+        paths["train"], _Recorder(), loaders["train"], "cpu", key={**key, "part": "train"}
+    )
+    backbone = _Recorder()
+    training.cached_feature_parts(paths, backbone, loaders, "cpu", key=key, show_progress=False)
+    assert backbone.batches == [3]  # the test part only: the train part was read back
+    paths["test"].unlink()
+    backbone = _Recorder()
+    with pytest.raises(files.StaleRunError, match="split2"):
+        training.cached_feature_parts(
+            paths, backbone, loaders, "cpu", key={**key, "images": "split2"}, show_progress=False
+        )
+    assert backbone.batches == [] and not paths["test"].exists()  # refused before computing
+
+
+def test_one_pass_loader_keeps_the_workers_and_refuses_a_shuffled_loader():
+    from torch.utils.data import DataLoader
+
+    loaders = _parts(workers=1)
+    joint = training.one_pass_loader(list(loaders.values()))
+    assert joint.num_workers == 1 and joint.batch_size == 4 and len(joint.dataset) == 9
+    got = training.extract_features(_Recorder(), joint, "cpu", show_progress=False)
+    assert got.shape == (9, 3)
+    shuffled = DataLoader(loaders["train"].dataset, batch_size=4, shuffle=True)
+    with pytest.raises(ValueError, match="in order"):
+        training.one_pass_loader([loaders["test"], shuffled])
