@@ -21,7 +21,8 @@ projection; ``tools/gpu_check.py`` runs it.
 from __future__ import annotations
 
 #: backbone -> (training images/s on an RTX 3090 with AMP, the input size it was measured at,
-#: timm model)
+#: the row of timm's file it comes from). Rows read at commit c865028c of
+#: pytorch-image-models (2022-07-27, the file's last version).
 REFERENCE_TRAIN_IPS = {
     "mobilenet_v3_large": (2732.0, 224, "mobilenetv3_large_100"),
     "resnet50": (1218.0, 224, "resnet50"),
@@ -32,6 +33,17 @@ REFERENCE_TRAIN_IPS = {
     "efficientnet_lite0": (2135.0, 224, "tf_efficientnet_lite0"),
     "efficientnet_lite1": (1443.0, 240, "tf_efficientnet_lite1"),
     "efficientnet_lite2": (1121.0, 260, "tf_efficientnet_lite2"),
+    # MaxViT came to timm after that file: no training row exists. Derived from its RTX 3090
+    # inference file (benchmark-infer-amp-nhwc-pt240-cu124-rtx3090.csv, both at 224 px):
+    # convnext_tiny's 819 x maxvit_tiny_tf_224's 1398.6 / convnext_tiny's 3120.2 images/s.
+    # maxvit_tiny_tf_224 is torchvision's maxvit_t (the same network: 30.9 M, 5.6 GFLOPs).
+    "maxvit_t": (367.0, 224, "maxvit_tiny_tf_224 (derived from inference, see above)"),
+    "convnext_tiny_in22k": (819.0, 224, "convnext_tiny_in22ft1k"),
+    # regnety_160 channels-last: 83 images/s, 3.2x slower than its channels-first row (264) of
+    # the same benchmark's NCHW file (grouped convolutions in PyTorch 1.12): a pessimistic figure
+    # for a frozen backbone; the pre-flight (python -m cocochallenge preflight) measures it.
+    "regnet_y_16gf_swag": (83.2, 224, "regnety_160"),
+    "regnet_y_16gf_swag_linear": (83.2, 224, "regnety_160"),
 }
 REFERENCE_GPU = "RTX 3090, AMP, channels-last (timm's published training benchmark)"
 LOADER_IPS_PER_WORKER_224 = 340.0
@@ -78,6 +90,12 @@ def run_seconds(
     return (n_train + n_val) / rates["forward"] + epochs_finetune * per_epoch + final
 
 
+def finetune_epochs(name: str, epochs_finetune: int, frozen_only=()) -> int:
+    """The fine-tuning epochs ``name`` will run: none for a backbone trained frozen only (the
+    ``frozen_only`` option), whose cost is its features and its predictions."""
+    return 0 if name in frozen_only else epochs_finetune
+
+
 def projected_hours(
     backbones,
     size_of,
@@ -86,13 +104,15 @@ def projected_hours(
     ema: bool = True,
     workers: int = 8,
     sizes: dict | None = None,
+    frozen_only=(),
 ) -> dict:
-    """``{backbone: hours}`` at the reference rates; ``size_of(name)`` gives its input size."""
+    """``{backbone: hours}`` at the reference rates; ``size_of(name)`` gives its input size,
+    ``frozen_only`` the backbones that run no fine-tuning epoch."""
     sizes = sizes or COURSE_SIZES
     return {
         name: run_seconds(
             reference_rates(name, size_of(name), workers),
-            epochs_finetune=epochs_finetune,
+            epochs_finetune=finetune_epochs(name, epochs_finetune, frozen_only),
             tta=tta,
             ema=ema,
             **sizes,

