@@ -37,18 +37,22 @@ def main(argv=None) -> int:
     p.add_argument("backbones", nargs="+")
     p.add_argument("--epochs-finetune", type=int, default=8)
     p.add_argument("--img-size", type=int, default=0, help="0: each weights' own size")
+    p.add_argument("--frozen-only", default="", help="backbones trained frozen only, a,b")
     args = parser.parse_args(argv)
     if args.command == "hours":
-        from .budget import projected_hours, reference_rates
+        from .budget import finetune_epochs, projected_hours, reference_rates
         from .models import preprocess_for
 
         size = lambda name: preprocess_for(name, args.img_size)["size"]  # noqa: E731
-        hours = projected_hours(args.backbones, size, args.epochs_finetune)
-        print(f"{'backbone':22}{'px':>5}{'paced by':>10}{'hours':>8}  (projected, not measured)")
+        frozen = [n.strip() for n in args.frozen_only.split(",") if n.strip()]
+        hours = projected_hours(args.backbones, size, args.epochs_finetune, frozen_only=frozen)
+        print(f"{'backbone':26}{'px':>5}{'paced by':>10}{'epochs':>8}{'hours':>8}  (projected, "
+              "not measured: tools/preflight.py measures)")  # fmt: skip
         for name, value in hours.items():
             bound = reference_rates(name, size(name))["bound"]
-            print(f"{name:22}{size(name):>5}{bound:>10}{value:>8.2f}")
-        print(f"{'total':37}{sum(hours.values()):>8.2f}")
+            epochs = finetune_epochs(name, args.epochs_finetune, frozen)
+            print(f"{name:26}{size(name):>5}{bound:>10}{epochs:>8}{value:>8.2f}")
+        print(f"{'total':49}{sum(hours.values()):>8.2f}")
         return 0
     if args.command == "demo-data":
         out = make_demo_data(args.root, args.n_train, args.n_test, args.seed)
