@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .config import OPTIONS
 from .demo import make_demo_data
 from .submission import SubmissionError, read_submission, score_submission, validate_submission
 
@@ -37,7 +38,11 @@ def main(argv=None) -> int:
     p.add_argument("backbones", nargs="+")
     p.add_argument("--epochs-finetune", type=int, default=8)
     p.add_argument("--img-size", type=int, default=0, help="0: each weights' own size")
-    p.add_argument("--frozen-only", default="", help="backbones trained frozen only, a,b")
+    p.add_argument(
+        "--frozen-only",
+        default=",".join(OPTIONS["frozen_only"]),
+        help="backbones trained frozen only, a,b (default: the frozen_only option's)",
+    )
     args = parser.parse_args(argv)
     if args.command == "hours":
         from .budget import finetune_epochs, projected_hours, reference_rates

@@ -53,7 +53,8 @@ OPTIONS = {
     "tta": True,             # horizontal-flip test-time augmentation
     # the run
     "retrain": [],           # backbones to train again in this run folder; ["all"]: everything
-    "frozen_only": [],       # backbones trained frozen only, no fine-tuning (a large SWAG one)
+    # backbones trained frozen only, no fine-tuning: 5 projected GPU hours otherwise (README)
+    "frozen_only": ["regnet_y_16gf_swag", "regnet_y_16gf_swag_linear"],
     "refit": False,          # the optional refit on train + validation (end of the notebook)
     "max_images": 0,         # 0 = every training image
     "demo_train": 1000,      # sizes of the generated demo data (DATA_ROOT = "demo")

@@ -171,7 +171,7 @@ def advice(measured: dict, sizes: dict, cfg: dict, hours_left: float) -> list[st
         )
     costliest_tuned = max(tuned, key=hours.get) if tuned else None
     if costliest_tuned:
-        now = frozen + [costliest_tuned]
+        now = [n for n in frozen if n in measured] + [costliest_tuned]
         out.append(
             f"Train {costliest_tuned} frozen only, no fine-tuning (OPTIONS = "
             f'{{"frozen_only": {now}}}): the run takes {total(frozen_only=now):.2f} h.'.replace(

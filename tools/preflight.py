@@ -1,8 +1,7 @@
 """The pre-flight a team runs first on the hub: does the configured run fit the hours left?
 
     python tools/preflight.py --data-root /home/jovyan/ms-coco \\
-        --backbones maxvit_t,convnext_tiny_in22k,regnet_y_16gf_swag \\
-        --frozen-only regnet_y_16gf_swag --epochs-finetune 8 --hours-left 3
+        --backbones maxvit_t,convnext_tiny_in22k,regnet_y_16gf_swag --hours-left 3
 
 It measures, on this machine's device and the course data, the images/s of the training loader
 alone, of training steps and of forward passes of each backbone (a few dozen batches each, at
@@ -20,14 +19,18 @@ import sys
 
 
 def main(argv=None) -> int:
-    from cocochallenge import budget, data, models, preflight
+    from cocochallenge import budget, config, data, models, preflight
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data-root", default="/home/jovyan/ms-coco", help="the unzipped ms-coco")
     p.add_argument("--backbones", required=True, help="comma-separated, as in BACKBONES")
     p.add_argument("--hours-left", type=float, required=True, help="GPU hours the team has")
     p.add_argument("--epochs-finetune", type=int, default=8, help="EPOCHS_FINETUNE (default 8)")
-    p.add_argument("--frozen-only", default="", help="backbones of OPTIONS frozen_only")
+    p.add_argument(
+        "--frozen-only",
+        default=",".join(config.OPTIONS["frozen_only"]),
+        help="the frozen_only option: backbones trained frozen only (default: the library's)",
+    )
     p.add_argument("--img-size", type=int, default=0, help="OPTIONS img_size; 0: each own size")
     p.add_argument("--batch-size", type=int, default=64, help="BATCH_SIZE (default 64)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="VAL_FRACTION (default 0.1)")
