@@ -211,7 +211,9 @@ def test_runtime_and_development_requirements_are_apart():
                           if line.strip() and not line.startswith("#")}  # fmt: skip
     runtime, dev = names("requirements.txt"), names("requirements-dev.txt")
     assert {"jupyterlab", "nbval", "pytest", "ruff"} <= dev and not dev & runtime
-    assert not {"jupyterlab", "ipywidgets", "nbval", "pytest", "ruff"} & runtime
+    # ipywidgets is the kernel's (tqdm.auto's bars of timm's downloads, commit 04df40b), not a
+    # server tool: it may be a runtime requirement
+    assert not {"jupyterlab", "nbval", "pytest", "ruff"} & runtime
     text = (ROOT / "requirements.txt").read_text()
     for bound in ("torch>=", "torchvision>=", "timm>=1.0.31", "papermill>="):
         assert bound in text, bound
