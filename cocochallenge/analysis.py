@@ -15,7 +15,8 @@ import numpy as np
 import pandas as pd
 
 from .checkpoints import PhaseCheckpoint
-from .compare import compare, cross_fitted
+from .compare import compare, cross_fitted, held_out_course_f1
+from .config import CLASSES
 from .data import data_paths, read_label_matrix
 from .files import load_json
 from .metrics import (
@@ -23,16 +24,11 @@ from .metrics import (
     THRESHOLD_GRID,
     apply_thresholds,
     course_scores,
-    evaluate_predictions,
-    tune_thresholds,
 )
 from .runs import BASELINE, load_scores
 
 #: The measurements behind the notebook's defaults (tools/ablation/README.md), in the project.
 EVIDENCE = Path(__file__).resolve().parents[1] / "tools" / "ablation" / "evidence.csv"
-
-#: How the best value of a table column is shown (bold on green: readable in print too).
-BEST_CELL_STYLE = "font-weight: bold; background-color: #c6efce"
 
 
 class RunNotFound(FileNotFoundError):
@@ -102,20 +98,30 @@ class RunArtifacts:
         }
         self.global_thresholds = {m: float(self.saved_thresholds[m]["global"]) for m in self.models}
         self.data_root = Path(self.summary.get("data_root") or self.config.get("data_root") or ".")
-        # the best frozen head's validation probabilities (no flip), beside the kept model's
-        self.frozen_probs = {}
+        # the best frozen head's validation probabilities (no flip), beside the kept model's,
+        # and those of the same head trained with other seeds (``seed<k>/``), when kept
+        self.frozen_probs, self.seed_probs = {}, {}
         for name in self.names:
-            probs = PhaseCheckpoint(self.run_dir / "models" / name, "frozen", {}).best_val_probs()
-            if probs is not None:
-                self.frozen_probs[name] = np.asarray(probs)
-        baseline = self.run_dir / BASELINE / "val_scores.npz"
-        self.baseline = None
-        if baseline.is_file():
-            with np.load(baseline) as z:
-                self.baseline = {
-                    "probs": z["probs"],
-                    **load_json(baseline.with_name("result.json")),
-                }
+            folder = self.run_dir / "models" / name
+            probs = PhaseCheckpoint(folder, "frozen", {}).best_val_probs()
+            if probs is None:
+                continue
+            self.frozen_probs[name] = np.asarray(probs)
+            seeds = {int(self.config.get("seed", 0)): self.frozen_probs[name]}
+            for path in folder.glob("seed*/frozen_best.pt"):
+                kept = PhaseCheckpoint(path.parent, "frozen", {}).best_val_probs()
+                seeds[int(path.parent.name[4:])] = np.asarray(kept)
+            self.seed_probs[name] = dict(sorted(seeds.items()))
+        # the course's recipe on each network's features (challenge.ipynb, section 8)
+        self.baselines = {}
+        for name in self.names:
+            folder = self.run_dir / BASELINE / name
+            if (folder / "val_scores.npz").is_file():
+                with np.load(folder / "val_scores.npz") as z:
+                    self.baselines[name] = {
+                        "probs": z["probs"],
+                        **load_json(folder / "result.json"),
+                    }
 
     def chosen(self, name: str = "") -> str:
         """``name`` if given (checked), else the model the challenge notebook submitted."""
@@ -145,98 +151,43 @@ class RunArtifacts:
         return read_label_matrix(folder, names)
 
 
-def comparison_table(run: RunArtifacts) -> pd.DataFrame:
-    """One row per model (and the ensemble): course F1 at each thresholding step, standard
-    metrics and the costs a team weighs them against.
-
-    Recomputed from the saved validation scores with :func:`tune_thresholds`, the function
-    :func:`compare_models` uses, so the numbers are those of the run's ``results.csv``.
-    Columns: course F1 of raw outputs > 0.5 (the course's recipe), of probabilities > 0.5,
-    at the best global threshold, at per-class thresholds (tuned and scored on the same
-    images: optimistic) and held out (tuned on one half, scored on the other); macro and
-    micro F1 and mAP at the submission's thresholds; parameters, training time and inference
-    speed (validation images per second, with flip TTA when the run used it). The ensemble
-    costs the sum
-    of its members and runs them one after the other.
-    """
-    rows = []
-    for m in run.models:
-        t = tune_thresholds(run.targets, run.probs[m], run.shrink, run.at_least_one)
-        members = run.names if m == "ensemble" else [m]
-        res = [run.results[n] for n in members]
-        speed = [r.get("val_images_per_second") or np.nan for r in res]
-        rows.append(
-            {
-                "model": m,
-                "F1 raw>0.5": t["f1_logit_0.5"],
-                "F1 @0.5": t["f1_0.5"],
-                "threshold": t["global_threshold"],
-                "F1 global": t["f1_global"],
-                "F1 per-class": t["f1_per_class"],
-                "F1 held-out": t["f1_heldout"],
-                "macro F1": t["macro_f1"],
-                "micro F1": t["micro_f1"],
-                "mAP": t["mAP"],
-                "params (M)": sum(r["parameters"] for r in res) / 1e6,
-                "train (min)": sum(r["train_seconds"] for r in res) / 60,
-                "images/s": 1.0 / sum(1.0 / s for s in speed),
-            }
-        )
-    return pd.DataFrame(rows).set_index("model")
-
-
-def highlight_best(
-    table: pd.DataFrame, lower=(), skip=(), precision: int = 4, transpose: bool = False
-):
-    """The table as a pandas ``Styler``, each column's best value in bold on green (pandas'
-    ``highlight_max``/``highlight_min``; lowest is best for the ``lower`` columns, ``skip``
-    columns are settings, not scores). With a single model nothing is marked: everything would
-    be "best". ``transpose`` shows models as columns (narrow enough for JupyterLab's width).
-    """
-    shown = table.T if transpose else table
-    style = shown.style.format(precision=precision)
-    if len(table) < 2:
-        return style
-    axis = 1 if transpose else 0
-    cols = [c for c in table.columns if c not in skip and pd.api.types.is_numeric_dtype(table[c])]
-    high = [c for c in cols if c not in lower]
-    low = [c for c in cols if c in lower]
-    subset = (lambda cs: pd.IndexSlice[cs, :]) if transpose else (lambda cs: pd.IndexSlice[:, cs])
-    if high:
-        style = style.highlight_max(subset=subset(high), axis=axis, props=BEST_CELL_STYLE)
-    if low:
-        style = style.highlight_min(subset=subset(low), axis=axis, props=BEST_CELL_STYLE)
-    return style.set_caption("best of each " + ("row" if transpose else "column") + " in bold")
-
-
 def phase_summary(history: dict) -> pd.DataFrame:
-    """Per model and phase: epochs, seconds per epoch, best validation mAP and course F1 at
-    0.5, last losses; from the saved histories (``{model: [epoch rows]}``).
+    """Per model and phase, from the saved histories (``{model: [epoch rows]}``): epochs run,
+    seconds per epoch, the epoch of the best validation mAP (the one kept) and of the lowest
+    validation loss, and the last epoch's losses and mAPs on training images (no augmentation)
+    and on validation.
 
     It says in numbers what the training curves show: whether fine-tuning beat the frozen
     backbone (and whether the weights' moving average beat the raw weights: ``best EMA mAP``,
-    when a run kept one), at what cost per epoch, and whether validation loss rose while
-    training loss fell (over-fitting).
+    when a run kept one), at what cost per epoch, and whether the model over-fits (training
+    loss falling far below a validation loss that rises after its lowest epoch).
     """
     rows = []
     for name, hist in history.items():
         for phase in ("frozen", "finetune"):
-            rs = [r for r in hist if r.get("phase") == phase]
+            rs = [r for r in hist if r.get("phase") == phase and "val_loss" in r]
             if not rs:
                 continue
+            best = max(rs, key=lambda r: r["val_mAP"])
+            low = min(rs, key=lambda r: r["val_loss"])
             rows.append(
                 {
                     "model": name,
                     "phase": phase,
                     "epochs": len(rs),
                     "s/epoch": float(np.mean([r.get("seconds", np.nan) for r in rs])),
-                    "best val mAP": max(r.get("val_mAP", np.nan) for r in rs),
-                    "best val F1@0.5": max(r.get("val_f1", np.nan) for r in rs),
+                    "best val mAP": best["val_mAP"],
+                    "at epoch": best["epoch"],
+                    "lowest val loss at epoch": low["epoch"],
                     "best EMA mAP": max(r.get("ema_mAP", np.nan) for r in rs),
                     "last train loss": rs[-1].get("train_loss", np.nan),
-                    "last val loss": rs[-1].get("val_loss", np.nan),
+                    "last val loss": rs[-1]["val_loss"],
+                    "last train mAP": rs[-1].get("train_mAP", np.nan),
+                    "last val mAP": rs[-1]["val_mAP"],
                 }
             )
+    if not rows:  # heads fitted in one go (the CPU recipe): no epochs to summarise
+        return pd.DataFrame()
     table = pd.DataFrame(rows).set_index(["model", "phase"])
     return table.drop(columns="best EMA mAP") if table["best EMA mAP"].isna().all() else table
 
@@ -282,71 +233,63 @@ def threshold_sweep(targets: np.ndarray, probs: np.ndarray, grid=THRESHOLD_GRID)
     return pd.DataFrame(rows)
 
 
+#: A shrink so large that every class takes the global threshold: "one threshold", held out.
+ONE_THRESHOLD = 1e12
+
+
 def threshold_steps(
     targets: np.ndarray,
     probs: np.ndarray,
     probs_tta: np.ndarray | None,
     ensemble: np.ndarray | None = None,
     shrink: float = 10.0,
+    n_boot: int = 1000,
     seed: int = 0,
 ) -> pd.DataFrame:
-    """What each step from the course's recipe to the submission adds, on validation.
+    """What each step from the course's rule to the submission adds, held out, with intervals.
 
-    Steps, each on top of the previous: the course recipe (raw outputs > 0.5), the sigmoid
-    (probability > 0.5), the best global threshold, per-class thresholds, the top-1
-    guarantee, flip TTA (``probs_tta``, thresholds tuned again; left out when None, e.g. a
-    run without TTA, which saves no ``probs_tta``) and the ensemble (mean
-    of the models' probabilities; left out when ``ensemble`` is None). Course F1, its precision
-    and recall, macro F1 and labels per image from :func:`evaluate_predictions`; for the
-    tuned steps also the held-out course F1 of :func:`tune_thresholds` (the honest one), and
-    the gain of each step over the previous one.
+    Steps, each on top of the previous: the course's rule (raw output > 0.5), the sigmoid
+    (probability > 0.5), one threshold for every class, per-class thresholds shrunk toward it,
+    the top-1 guarantee, flip TTA (``probs_tta``; left out when None) and the ensemble (left
+    out when None). A tuned step is scored held out (:func:`compare.cross_fitted`: every image
+    predicted with thresholds chosen on the other half), so every row is the held-out course
+    F1, the definition used everywhere in the notebooks. ``gain`` is each step minus the one
+    before, with its 90% interval from the same paired bootstrap resamples of the images.
     """
+    from .compare import LEVEL, Z, resamples, scores
+
     y = np.asarray(targets).astype(bool)
-    rows = []
-
-    def add(step, p, thr, at_least_one, heldout=np.nan):
-        m = evaluate_predictions(y, p, thr, at_least_one)
-        rows.append(
-            {
-                "step": step,
-                "course F1": m["course_f1"],
-                "held-out": heldout,
-                "precision": m["precision"],
-                "recall": m["recall"],
-                "macro F1": m["macro_f1"],
-                "labels/image": m["labels_per_image"],
-            }
-        )
-
-    plain = tune_thresholds(y, probs, shrink, at_least_one=False, seed=seed)
-    top1 = tune_thresholds(y, probs, shrink, at_least_one=True, seed=seed)
-    add("course recipe: raw output > 0.5", probs, COURSE_LOGIT_THRESHOLD_AS_PROB, False)
-    add("sigmoid: probability > 0.5", probs, 0.5, False)
-    # the steps before flip TTA use the plain scores: their threshold differs from the one the
-    # comparison table reports on TTA scores, and the label says so
-    add(
-        f"best global threshold ({plain['global_threshold']:.2f} on scores without TTA)",
-        probs,
-        plain["global_threshold"],
-        False,
-    )
-    add(
-        f"per-class thresholds (shrunk by {shrink:g})",
-        probs,
-        plain["per_class"],
-        False,
-        plain["f1_heldout"],
-    )
-    add("+ top-1 guarantee", probs, top1["per_class"], True, top1["f1_heldout"])
+    held = lambda p, k, top1: cross_fitted(y, p, k, top1, seed=seed)  # noqa: E731
+    steps = {
+        "course rule: raw output > 0.5": [probs > COURSE_LOGIT_THRESHOLD_AS_PROB],
+        "sigmoid: probability > 0.5": [probs > 0.5],
+        "one threshold for every class": held(probs, ONE_THRESHOLD, False),
+        f"per-class thresholds (shrunk by {shrink:g})": held(probs, shrink, False),
+        "+ top-1 guarantee": held(probs, shrink, True),
+    }
     if probs_tta is not None:
-        tta = tune_thresholds(y, probs_tta, shrink, at_least_one=True, seed=seed)
-        add("+ flip TTA", probs_tta, tta["per_class"], True, tta["f1_heldout"])
+        steps["+ flip TTA"] = held(probs_tta, shrink, True)
     if ensemble is not None:
-        ens = tune_thresholds(y, ensemble, shrink, at_least_one=True, seed=seed)
-        add("+ ensemble", ensemble, ens["per_class"], True, ens["f1_heldout"])
+        steps["+ ensemble"] = held(ensemble, shrink, True)
+    W = resamples(len(y), n_boot, seed)
+    full = np.ones((1, len(y)), dtype=np.float32)
+    rows, previous = [], None
+    for step, preds in steps.items():
+        draws = scores(y, preds, None, W)["course F1"]
+        point = scores(y, preds, None, full)
+        row = {"step": step, "held-out course F1": float(point["course F1"][0]),
+               "macro F1": float(point["macro F1"][0]),
+               "labels/image": float(np.mean([p.sum(1).mean() for p in preds]))}  # fmt: skip
+        if previous is not None:
+            gain, half = (
+                row["held-out course F1"] - previous[0],
+                Z * float(np.std(draws - previous[1])),
+            )
+            row.update({"gain": gain, "gain lo": gain - half, "gain hi": gain + half})
+        rows.append(row)
+        previous = (row["held-out course F1"], draws)
     table = pd.DataFrame(rows).set_index("step")
-    table.insert(1, "gain", table["course F1"].diff())
-    table.insert(3, "held-out gain", table["held-out"].diff())
+    table.attrs["level"] = LEVEL
     return table
 
 
@@ -442,13 +385,14 @@ def study(
 
     ``(table, differences)`` of :func:`compare.compare`: held-out course F1, macro F1 and mAP
     with 90% paired-bootstrap intervals, then parameters, training minutes and images/s.
-    The course's recipe is scored as the course scores it (raw output > 0.5: nothing tuned).
+    The course's recipe on each network's features is scored as the course scores it (raw
+    output > 0.5: nothing tuned).
     """
     models = {m: {"preds": cross_fitted(run.targets, run.probs[m], run.shrink, run.at_least_one),
                   "probs": run.probs[m]} for m in run.models}  # fmt: skip
-    if run.baseline is not None:
-        raw = apply_thresholds(run.baseline["probs"], COURSE_LOGIT_THRESHOLD_AS_PROB)
-        models["course recipe"] = {"preds": [raw], "probs": run.baseline["probs"]}
+    for name, base in run.baselines.items():  # scored as the course scores it: nothing tuned
+        raw = apply_thresholds(base["probs"], COURSE_LOGIT_THRESHOLD_AS_PROB)
+        models[f"course recipe on {name}"] = {"preds": [raw], "probs": base["probs"]}
     table, diffs = compare(run.targets, models, n_boot, seed)
     for m in table.index:
         members = run.names if m == "ensemble" else [m] if m in run.results else []
@@ -569,32 +513,74 @@ def cams_for(run: RunArtifacts, name: str, errors: list, device: str = "cpu") ->
     return [p.resize(size) for p in pictures], maps
 
 
-def key_numbers(run: RunArtifacts, study: pd.DataFrame, differences: pd.DataFrame,
-                phases: pd.DataFrame, steps: pd.DataFrame) -> pd.DataFrame:  # fmt: skip
-    """The numbers a conclusion draws on, each with its interval where it has one, as text.
+def seed_table(run: RunArtifacts, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Per network: the held-out course F1 of its frozen head trained with each seed (same
+    features, same split; the initialisation and batch order change), their mean and sample sd,
+    beside the 90% bootstrap interval of the first seed's head: how much of a difference
+    between networks is luck of a seed, and how much is luck of the images."""
+    heads = {n: s for n, s in run.seed_probs.items() if len(s) > 1}
+    if not heads:
+        return pd.DataFrame()
+    first = {n: next(iter(s.values())) for n, s in heads.items()}
+    models = {n: {"preds": cross_fitted(run.targets, p, run.shrink, run.at_least_one),
+                  "probs": None} for n, p in first.items()}  # fmt: skip
+    table, _ = compare(run.targets, models, n_boot, seed)
+    rows = {}
+    for name, seeds in heads.items():
+        f1 = {k: held_out_course_f1(run.targets, p, run.shrink, run.at_least_one)
+              for k, p in seeds.items()}  # fmt: skip
+        row = {f"seed {k}": v for k, v in f1.items()}
+        half = table.loc[name, "course F1 hi"] - table.loc[name, "course F1"]
+        row.update({"mean": float(np.mean(list(f1.values()))),
+                    "sd over seeds": float(np.std(list(f1.values()), ddof=1)),
+                    "bootstrap half-width (first seed)": float(half)})  # fmt: skip
+        rows[name] = row
+    return pd.DataFrame(rows).T
 
-    Written as the notebook shows them (3 decimals), so that the prose quoting them can be
-    checked against this table (tests/test_layout.py reads the committed notebook).
-    """
-    f = lambda v: f"{v:.3f}"  # noqa: E731
-    span = lambda t, r, k: f"{f(t.loc[r, k])} [{f(t.loc[r, k + ' lo'])}, {f(t.loc[r, k + ' hi'])}]"  # noqa: E731
-    rows = {"validation images": str(len(run.stems))}
-    for m in study.index:
-        rows[f"{m}: held-out course F1"] = span(study, m, "course F1")
-        rows[f"{m}: macro F1"] = span(study, m, "macro F1")
-        rows[f"{m}: mAP"] = span(study, m, "mAP")
-    for d in differences.index:
-        noise = "beyond noise" if differences.loc[d, "course F1 beyond noise"] else "within noise"
-        rows[f"{d}: course F1"] = f"{span(differences, d, 'course F1')} ({noise})"
-    for n in phases.index:
-        noise = "beyond noise" if phases.loc[n, "beyond noise"] else "within noise"
-        rows[f"{n}: fine-tuning gain, course F1"] = (
-            f"{f(phases.loc[n, 'gain'])} [{f(phases.loc[n, 'gain lo'])}, "
-            f"{f(phases.loc[n, 'gain hi'])}] ({noise})"
-        )
-        rows[f"{n}: fine-tuning gain, mAP"] = f(phases.loc[n, "mAP gain"])
-    for step in steps.index:
-        rows[f"step '{step}': course F1"] = f(steps.loc[step, "course F1"])
-        if np.isfinite(steps.loc[step, "held-out"]):
-            rows[f"step '{step}': held out"] = f(steps.loc[step, "held-out"])
-    return pd.Series(rows, name="value").to_frame()
+
+def class_weights(Y: np.ndarray) -> pd.DataFrame:
+    """Each class's weight in the course F1 on labels ``Y``: 1/positives, normalised over the
+    classes present, sorted from the heaviest; with the cumulative share."""
+    n = np.asarray(Y).sum(0).astype(float)
+    w = np.where(n > 0, 1.0 / np.maximum(n, 1), 0.0)
+    w = w / w.sum()
+    table = pd.DataFrame({"class": CLASSES, "positives": n.astype(int), "weight": w})
+    table = table[table["positives"] > 0].sort_values("weight", ascending=False, kind="stable")
+    table["cumulative"] = table["weight"].cumsum()
+    return table
+
+
+def confusions(targets: np.ndarray, pred: np.ndarray, P_train: np.ndarray | None = None,
+               n: int = 12) -> pd.DataFrame:  # fmt: skip
+    """The commonest false positives explained by another class in the image: for each pair,
+    the validation images where ``predicted`` was predicted but is absent while ``present``
+    is there, and how often the two come together in the training labels (``P_train``,
+    :func:`cooccurrence`): a look-alike (car/truck) or a context (fork with knife)."""
+    y, p = np.asarray(targets).astype(bool), np.asarray(pred).astype(bool)
+    fp = (p & ~y).astype(np.int64)
+    counts = fp.T @ y.astype(np.int64)  # [a, b]: images with a predicted wrongly and b present
+    np.fill_diagonal(counts, 0)
+    order = np.argsort(-counts, axis=None, kind="stable")[:n]
+    rows = []
+    for a, b in zip(*np.unravel_index(order, counts.shape)):
+        if counts[a, b] == 0:
+            break
+        rows.append({"predicted (absent)": CLASSES[a], "present": CLASSES[b],
+                     "images": int(counts[a, b]),
+                     "share of its false positives": counts[a, b] / max(fp[:, a].sum(), 1),
+                     "P(predicted | present), training":
+                         np.nan if P_train is None else float(P_train[b, a])})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_against_expected(summary: dict) -> pd.DataFrame | None:
+    """The test images' course F1 (when their answers exist) beside the range the challenge
+    notebook predicted for a test set of that size; None without answers."""
+    scored, expect = summary.get("test_scores"), summary.get("expected_course_f1")
+    if not scored or not expect:
+        return None
+    f1 = scored["course_f1"]
+    where = "below" if f1 < expect["p10"] else "above" if f1 > expect["p90"] else "inside"
+    return pd.DataFrame({"test images": [scored["n_images"]], "test course F1": [f1],
+                         "expected": [expect["expected"]], "10%": [expect["p10"]],
+                         "90%": [expect["p90"]], "where": [where]})  # fmt: skip

@@ -145,10 +145,12 @@ def epoch_row(
 
 
 def epoch_line(row: dict, epochs: int, improved: bool) -> str:
-    """The printed summary of an epoch, short enough not to wrap in JupyterLab (< 100 chars)."""
-    ema = f" EMA {row['ema_mAP']:.4f}" if "ema_mAP" in row else ""
+    """The printed summary of an epoch, short enough not to wrap in JupyterLab (< 100 chars):
+    loss and mAP on the training images (without augmentation), then on validation."""
+    ema = f" EMA {row['ema_mAP']:.3f}" if "ema_mAP" in row else ""
+    fit = f"{row['train_mAP']:.3f} / " if "train_mAP" in row else ""
     return (
         f"{row['phase']:>8} {row['epoch']:>2}/{epochs}  loss {row['train_loss']:.4f} / "
-        f"{row['val_loss']:.4f}  F1@0.5 {row['val_f1']:.3f}  mAP {row['val_mAP']:.4f}{ema} "
-        f"{row['seconds']:5.1f}s{' *best' if improved else ''}"
+        f"{row['val_loss']:.4f}  mAP {fit}{row['val_mAP']:.3f}{ema}  F1@0.5 {row['val_f1']:.3f}"
+        f" {row['seconds']:5.1f}s{' *best' if improved else ''}"
     )

@@ -79,67 +79,6 @@ def save_figure(fig, run_dir: Path | str, name: str, dpi: int = 110, fmt: str = 
     return path
 
 
-def plot_comparison(table: pd.DataFrame, columns):
-    """Grouped bars: one group per metric, one bar per model, values written on the bars."""
-    import matplotlib.pyplot as plt
-
-    columns = list(columns)
-    n = len(table)
-    fig, ax = plt.subplots(figsize=(max(8.0, 1.1 * len(columns) * max(n, 2) * 0.6), 4.2))
-    x = np.arange(len(columns))
-    width = 0.8 / max(n, 1)
-    for i, (model, row) in enumerate(table[columns].iterrows()):
-        bars = ax.bar(x + (i - (n - 1) / 2) * width, row.to_numpy(dtype=float), width, label=model)
-        ax.bar_label(bars, fmt="%.3f", fontsize=7, padding=1, rotation=90 if n > 2 else 0)
-    ax.set_xticks(x, columns)
-    top = np.nanmax(table[columns].to_numpy(dtype=float)) if len(table) else 1.0
-    ax.set_ylim(0, min(1.0, top * 1.25) if top > 0 else 1.0)
-    ax.set_ylabel("validation score")
-    ax.set_title("models compared on the validation split")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
-    return fig
-
-
-def plot_per_class_bars(report: pd.DataFrame, title: str = ""):
-    """Precision, recall and F1 of every class as horizontal bars, best F1 at the top.
-
-    All 80 classes need a tall figure (about 0.19 inch a bar) to keep the names readable;
-    three panels on one axis let a reader follow one class across the metrics, and the
-    validation support beside each name says how far its bar can be trusted.
-    """
-    import matplotlib.pyplot as plt
-
-    r = report.sort_values(["f1", "support"], ascending=[True, True], kind="stable")
-    y = np.arange(len(r))
-    labels = [f"{c}  ({n})" for c, n in zip(r["class"], r["support"])]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 0.19 * len(r) + 1.6), sharey=True)
-    for ax, col, colour in zip(
-        axes, ("precision", "recall", "f1"), ("#4c72b0", "#dd8452", "#55a868")
-    ):
-        ax.barh(y, r[col], height=0.75, color=colour)
-        mean = r.loc[r["support"] > 0, col].mean()
-        ax.axvline(mean, color="k", lw=0.8, ls="--")
-        ax.set_title(f"{col} (dashed: mean {mean:.2f})", fontsize=10)
-        ax.set_xlim(0, 1)
-        ax.grid(axis="x", alpha=0.3)
-        ax.tick_params(axis="x", labeltop=True)
-    axes[0].set_yticks(y, labels, fontsize=7)
-    for tick, n in zip(axes[0].get_yticklabels(), r["support"]):
-        if n == 0:
-            tick.set_color("grey")
-    axes[0].set_ylim(-0.7, len(r) - 0.3)
-    height = fig.get_figheight()
-    fig.suptitle(
-        title or "per-class scores (validation positives in brackets)",
-        fontsize=11,
-        y=1 - 0.15 / height,
-    )
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / height))
-    return fig
-
-
 def plot_f1_vs_frequency(reports: dict, counts, xlabel: str = "training images of the class"):
     """Per-class F1 against class frequency (log scale), one colour per model.
 
@@ -254,41 +193,48 @@ def plot_threshold_distribution(thresholds: dict, support, global_thresholds: di
 
 
 def plot_threshold_steps(steps: pd.DataFrame):
-    """The steps table as bars: course F1 on the tuning images, and held out where tuned."""
+    """The steps table (:func:`analysis.threshold_steps`) as bars: the held-out course F1 of
+    each step, labelled with its gain over the step before and that gain's 90% interval."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 0.6 * len(steps) + 1.6))
+    fig, ax = plt.subplots(figsize=(9, 0.55 * len(steps) + 1.4))
     y = np.arange(len(steps))[::-1].astype(float)
-    held = steps["held-out"].to_numpy(dtype=float)
-    ok = ~np.isnan(held)
-    tuned = ax.barh(
-        y + np.where(ok, 0.19, 0),
-        steps["course F1"],
-        height=np.where(ok, 0.38, 0.6),
-        color="#4c72b0",
-        label="scored on the images it was tuned on",
-    )
-    ax.bar_label(tuned, fmt="%.3f", fontsize=8, padding=2)
-    if ok.any():
-        out = ax.barh(
-            y[ok] - 0.19,
-            held[ok],
-            height=0.38,
-            color="#dd8452",
-            label="held out: tuned on one half, scored on the other",
-        )
-        ax.bar_label(out, fmt="%.3f", fontsize=8, padding=2)
-    ax.set_yticks(y, steps.index, fontsize=8)
-    top = max(
-        np.nanmax(steps["course F1"].to_numpy(dtype=float)), np.nanmax(held) if ok.any() else 0
-    )
-    ax.set_xlim(0, min(1.0, top * 1.15) if top > 0 else 1.0)
-    ax.set_xlabel("course F1 on the validation split")
-    ax.set_title("from the course's recipe to the submission, step by step")
+    f1 = steps["held-out course F1"].to_numpy(dtype=float)
+    ax.barh(y, f1, height=0.6, color="#4c72b0")
+    for yi, (_, row) in zip(y, steps.iterrows()):
+        gain = row.get("gain", np.nan)
+        text = f"{row['held-out course F1']:.3f}"
+        if np.isfinite(gain):
+            text += f"  ({gain:+.3f} [{row['gain lo']:+.3f}, {row['gain hi']:+.3f}])"
+        ax.text(row["held-out course F1"] + 0.005, yi, text, va="center", fontsize=9)
+    ax.set_yticks(y, steps.index, fontsize=9)
+    ax.set_xlim(0, min(1.0, np.nanmax(f1) * 1.45) if np.nanmax(f1) > 0 else 1.0)
+    ax.set_xlabel("held-out course F1 (gain over the step above, with its 90% interval)")
+    ax.set_title("from the course's rule to the submission, step by step")
     ax.grid(axis="x", alpha=0.3)
-    ax.legend(
-        fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12 - 0.3 / len(steps)), ncol=2
+    fig.tight_layout()
+    return fig
+
+
+def plot_class_weights(weights: pd.DataFrame, n: int = 30):
+    """Each class's weight in the course F1 (:func:`analysis.class_weights`), the ``n`` heaviest
+    as bars, and the cumulative share of all classes as a line: a few rare classes decide it."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(13, 4))
+    top = weights.head(n)
+    ax.bar(range(len(top)), top["weight"], color="#4c72b0")
+    ax.set_xticks(range(len(top)), [f"{c} ({k})" for c, k in zip(top["class"], top["positives"])],
+                  rotation=60, ha="right", fontsize=9)  # fmt: skip
+    ax.set_ylabel("weight in the course F1")
+    share = ax.twinx()
+    share.plot(range(len(top)), top["cumulative"], "o-", color="#dd8452", ms=3)
+    share.set_ylim(0, 1)
+    share.set_ylabel("cumulative share", color="#dd8452")
+    ax.set_title(
+        f"the {len(top)} heaviest classes (positives in brackets) and their cumulative share"
     )
+    ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return fig
 

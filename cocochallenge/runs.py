@@ -177,6 +177,8 @@ def model_settings(
     return {
         "backbone": name,
         **{k: cfg[k] for k in TRAINING_SETTINGS},
+        # a frozen-only backbone is not fine-tuned: its model does not depend on those epochs
+        "epochs_finetune": 0 if name in cfg.get("frozen_only", ()) else cfg["epochs_finetune"],
         "input": {
             "size": preprocess["size"],
             "mean": list(preprocess["mean"]),

@@ -10,7 +10,7 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from cocochallenge import analysis, checkpoints, files, metrics, plots, runs  # noqa: E402
+from cocochallenge import analysis, checkpoints, files, metrics, plots, report, runs  # noqa: E402
 from cocochallenge.config import NUM_CLASSES as C  # noqa: E402
 
 
@@ -26,7 +26,8 @@ def _scores(n=300, seed=0, rate=0.06):
 
 @pytest.fixture()
 def run_dir(tmp_path):
-    """A run folder in the challenge notebook's layout: two models, thresholds by compare_models."""
+    """A run folder in the challenge notebook's layout: two models, their thresholds, the course's
+    recipe on each, a frozen head with a second seed."""
     y, p = _scores(120, seed=1)
     rng = np.random.default_rng(2)
     stems = np.array([f"{i:012d}" for i in range(len(y))])
@@ -75,7 +76,13 @@ def run_dir(tmp_path):
         tmp_path / "config.json",
     )
     course = {"probs": np.full_like(p, 0.1), "f1": 0.0, "precision": 0.0, "recall": 0.0}
-    runs.save_baseline(tmp_path, course, y, steps=10, epochs=5)
+    for name in names:
+        runs.save_baseline(tmp_path, name, course, y, epochs=5, best_epoch=3)
+    # the first network's frozen head with another seed, as challenge.ipynb keeps it
+    other = np.clip(p + rng.normal(0, 0.3, p.shape), 1e-4, 1 - 1e-4).astype(np.float32)
+    seed1 = tmp_path / "models" / "m_a" / "seed1"
+    state = {"model": torch.nn.Linear(2, 2)}
+    checkpoints.PhaseCheckpoint(seed1, "frozen", state).save(0, {}, 0.5, val_probs=other)
     files.save_json(
         {"chosen": "ensemble", "data_root": str(tmp_path / "nowhere"), "demo": True},
         tmp_path / "summary.json",
@@ -84,8 +91,19 @@ def run_dir(tmp_path):
         {"seed": 0, "val_fraction": 0.1, "train": ["000000999999"], "val": stems.tolist()},
         tmp_path / "split.json",
     )
-    runs.compare_models(tmp_path, names, tta=True, at_least_one=True, shrink=10)
+    probs = {n: files_probs(tmp_path, n) for n in names}
+    probs["ensemble"] = np.mean(list(probs.values()), axis=0)
+    thresholds = {}  # the notebook's rule (section 9)
+    for m, q in probs.items():
+        best, _ = metrics.best_global_threshold(y, q)
+        t = metrics.shrunk_thresholds(y, q, 10, best)
+        thresholds[m] = {"global": best, "per_class": t.tolist(), "tta": True, "shrink": 10}
+    files.save_json(thresholds, tmp_path / "thresholds.json")
     return tmp_path
+
+
+def files_probs(run_dir, name):
+    return runs.load_scores(run_dir, name)["probs_tta"]
 
 
 def test_threshold_sweep_matches_library_metrics():
@@ -118,39 +136,6 @@ def test_per_class_table_adds_up_to_the_course_metric():
     # without the top-1 guarantee fewer predictions are made
     plain = metrics.per_class_table(y, p, thr)
     assert plain["predicted"].sum() < rep["predicted"].sum() and "train images" not in plain
-
-
-def _marked(style):
-    """(row label, column label) of every cell the Styler's CSS makes bold on green."""
-    import re
-
-    html, data = style.to_html(), style.data
-    cells = set()
-    for selectors, props in re.findall(r"([^{}]+)\{([^}]*)\}", html):
-        if analysis.BEST_CELL_STYLE.split(";")[0] in props:
-            for r, c in re.findall(r"_row(\d+)_col(\d+)", selectors):
-                cells.add((data.index[int(r)], data.columns[int(c)]))
-    return cells
-
-
-def test_highlight_best_marks_each_columns_winner():
-    """pandas' highlight_max/min mark each column's best (ties all marked, lowest best for the
-    `lower` columns, never a setting in `skip`, never NaN); with one model nothing is marked."""
-    t = pd.DataFrame(
-        {
-            "f1": [0.2, 0.5, 0.5],
-            "seconds": [3.0, 1.0, 2.0],
-            "threshold": [0.1, 0.9, 0.3],
-            "speed": [np.nan, 4.0, 1.0],
-        },
-        index=["x", "y", "z"],
-    )
-    marked = _marked(analysis.highlight_best(t, lower=["seconds"], skip=["threshold"]))
-    assert marked == {("y", "f1"), ("z", "f1"), ("y", "seconds"), ("y", "speed")}
-    narrow = analysis.highlight_best(t, lower=["seconds"], skip=["threshold"], transpose=True)
-    assert list(narrow.data.columns) == ["x", "y", "z"]
-    assert _marked(narrow) == {(c, r) for r, c in marked}
-    assert _marked(analysis.highlight_best(t.iloc[:1])) == set()  # one model: nothing is "best"
 
 
 def test_best_and_worst_rank_only_classes_with_positives():
@@ -218,62 +203,58 @@ def test_pick_classes_frequent_and_rare_do_not_overlap():
     assert not set(small["frequent"]) & set(small["rare"])
 
 
-def test_threshold_steps_accumulate_and_skip_a_missing_ensemble():
+def test_threshold_steps_are_held_out_with_paired_gains_and_skip_what_is_missing():
+    from cocochallenge import compare
+
     y, p = _scores(seed=4)
+    p[:60] *= 0.1  # images whose every score is low: the top-1 guarantee gives them a class
     p_tta = np.clip(p + 0.01, 0, 1)
-    steps = analysis.threshold_steps(y, p, p_tta, None, shrink=10)
+    steps = analysis.threshold_steps(y, p, p_tta, None, shrink=10, n_boot=200)
+    assert steps.loc["+ top-1 guarantee", "labels/image"] > steps.iloc[3]["labels/image"]
     assert len(steps) == 6 and "+ ensemble" not in steps.index
-    assert steps["course F1"].iloc[0] == pytest.approx(
+    f1 = steps["held-out course F1"]
+    # the fixed rules tune nothing; the tuned steps are the notebooks' held-out course F1
+    assert f1.iloc[0] == pytest.approx(
         metrics.course_f1(y, p > metrics.COURSE_LOGIT_THRESHOLD_AS_PROB)["f1"]
     )
-    assert steps["course F1"].iloc[1] == pytest.approx(metrics.course_f1(y, p > 0.5)["f1"])
-    np.testing.assert_allclose(steps["gain"].iloc[1:], np.diff(steps["course F1"]))
-    assert steps["held-out"].iloc[:3].isna().all() and steps["held-out"].iloc[3:].notna().all()
-    with_ens = analysis.threshold_steps(y, p, p_tta, (p + p_tta) / 2, shrink=10)
+    assert f1.iloc[1] == pytest.approx(metrics.course_f1(y, p > 0.5)["f1"])
+    assert f1["+ top-1 guarantee"] == pytest.approx(compare.held_out_course_f1(y, p, 10, True))
+    assert f1["+ flip TTA"] == pytest.approx(compare.held_out_course_f1(y, p_tta, 10, True))
+    np.testing.assert_allclose(steps["gain"].iloc[1:], np.diff(f1))
+    assert (
+        ((steps["gain lo"] <= steps["gain"]) & (steps["gain"] <= steps["gain hi"])).iloc[1:].all()
+    )
+    assert steps.loc["one threshold for every class", "gain hi"] > 0
+    with_ens = analysis.threshold_steps(y, p, p_tta, (p + p_tta) / 2, shrink=10, n_boot=50)
     assert with_ens.index[-1] == "+ ensemble" and len(with_ens) == 7
-    no_tta = analysis.threshold_steps(y, p, None, None, shrink=10)  # a run without TTA
+    no_tta = analysis.threshold_steps(y, p, None, None, shrink=10, n_boot=50)  # no TTA run
     assert list(no_tta.index) == list(steps.index[:5])
 
 
-def test_run_artifacts_and_comparison_table_agree_with_compare_models(run_dir):
+def test_run_artifacts_read_what_the_notebook_saved(run_dir):
     run = analysis.RunArtifacts(run_dir)
     assert run.models == ["m_a", "m_b", "ensemble"] and run.chosen() == "ensemble"
     np.testing.assert_allclose(
         run.probs["ensemble"], (run.val["m_a"]["probs_tta"] + run.val["m_b"]["probs_tta"]) / 2
     )
     assert run.train_labels() is None  # no data folder: figures skip it
-    table = analysis.comparison_table(run)
-    saved = pd.read_csv(run_dir / "results.csv", index_col="model")
-    assert list(table.index) == list(saved.index)
-    for mine, theirs in [
-        ("F1 raw>0.5", "f1_logit_0.5"),
-        ("F1 @0.5", "f1_0.5"),
-        ("F1 global", "f1_global"),
-        ("F1 per-class", "f1_per_class"),
-        ("F1 held-out", "f1_heldout"),
-        ("macro F1", "macro_f1"),
-        ("micro F1", "micro_f1"),
-        ("mAP", "mAP"),
-        ("params (M)", "parameters_M"),
-        ("train (min)", "train_minutes"),
-    ]:
-        np.testing.assert_allclose(table[mine], saved[theirs], rtol=1e-9, err_msg=mine)
-    # the ensemble runs its members one after the other: 1 / (1/100 + 1/50)
-    assert table.loc["ensemble", "images/s"] == pytest.approx(100 / 3)
+    assert set(run.baselines) == {"m_a", "m_b"} and run.baselines["m_a"]["best_epoch"] == 3
+    assert list(run.seed_probs["m_a"]) == [0, 1] and list(run.seed_probs["m_b"]) == [0]
     phases = analysis.phase_summary(run.history)
-    assert (
-        phases.loc[("m_a", "frozen"), "epochs"] == 2
-        and phases.loc[("m_a", "finetune"), "epochs"] == 1
-    )
+    row = phases.loc[("m_a", "frozen")]
+    assert row["epochs"] == 2 and row["at epoch"] == 2 and row["lowest val loss at epoch"] == 2
+    assert phases.loc[("m_a", "finetune"), "epochs"] == 1
     assert "best EMA mAP" not in phases  # no moving average in these histories
     with_ema = {
         "m": [
-            {"phase": "frozen", "val_mAP": 0.3},
-            {"phase": "finetune", "val_mAP": 0.4, "ema_mAP": 0.45},
-            {"phase": "finetune", "val_mAP": 0.42, "ema_mAP": 0.44},
+            {"phase": "frozen", "epoch": 1, "val_mAP": 0.3, "val_loss": 0.2},
+            {"phase": "finetune", "epoch": 1, "val_mAP": 0.4, "ema_mAP": 0.45, "val_loss": 0.1},
+            {"phase": "finetune", "epoch": 2, "val_mAP": 0.42, "ema_mAP": 0.44, "val_loss": 0.3},
         ]
     }
-    assert analysis.phase_summary(with_ema).loc[("m", "finetune"), "best EMA mAP"] == 0.45
+    summary = analysis.phase_summary(with_ema).loc[("m", "finetune")]
+    assert summary["best EMA mAP"] == 0.45 and summary["lowest val loss at epoch"] == 1
+    assert analysis.phase_summary({"m": [{"phase": "frozen", "val_mAP": 0.3}]}).empty
     with pytest.raises(ValueError, match="not a model"):
         run.chosen("nope")
 
@@ -290,7 +271,7 @@ def test_run_artifacts_names_the_missing_step(tmp_path, run_dir):
 
 def test_every_figure_draws_and_saves(run_dir):
     run = analysis.RunArtifacts(run_dir)
-    table = analysis.comparison_table(run)
+    study, _ = analysis.study(run, n_boot=50)
     reports = {
         m: metrics.per_class_table(run.targets, run.probs[m], run.thresholds[m], True)
         for m in run.models
@@ -298,11 +279,15 @@ def test_every_figure_draws_and_saves(run_dir):
     pred = run.predictions("m_a")
     sweeps = {m: analysis.threshold_sweep(run.targets, run.probs[m]) for m in run.models}
     steps = analysis.threshold_steps(
-        run.targets, run.val["m_a"]["probs"], run.val["m_a"]["probs_tta"], run.probs["ensemble"]
+        run.targets,
+        run.val["m_a"]["probs"],
+        run.val["m_a"]["probs_tta"],
+        run.probs["ensemble"],
+        n_boot=50,
     )
     figs = {
-        "comparison": plots.plot_comparison(table, ["F1 global", "mAP"]),
-        "bars": plots.plot_per_class_bars(reports["m_a"]),
+        "weights": plots.plot_class_weights(analysis.class_weights(run.targets)),
+        "cost": plots.plot_cost_accuracy(study.loc[run.models]),
         "freq": plots.plot_f1_vs_frequency(reports, run.targets.sum(0)),
         "sweep": plots.plot_threshold_sweep(sweeps, run.global_thresholds),
         "dist": plots.plot_threshold_distribution(
@@ -345,21 +330,75 @@ def test_points_lost_add_up_to_the_course_metric():
 
 
 def test_the_study_scores_every_model_with_intervals_and_the_course_recipe(run_dir):
-    """The comparison of section 2: every network, the ensemble and the course's recipe on the
-    same images; fine-tuning against the frozen heads; the key numbers the prose quotes."""
+    """The comparison of section 3: every network, the ensemble and the course's recipe on each
+    network's features, on the same images; the seeds; fine-tuning against the frozen heads."""
+    from cocochallenge import compare
+
     run = analysis.RunArtifacts(run_dir)
     study, diffs = analysis.study(run, n_boot=200)
-    assert list(study.index) == ["m_a", "m_b", "ensemble", "course recipe"]
-    assert np.isnan(study.loc["course recipe", "train (min)"])
+    recipes = ["course recipe on m_a", "course recipe on m_b"]
+    assert list(study.index) == ["m_a", "m_b", "ensemble", *recipes]
+    assert np.isnan(study.loc[recipes[0], "train (min)"])
     for key in ("course F1", "macro F1", "mAP"):
         assert (study[f"{key} lo"] <= study[key]).all() and (study[key] <= study[f"{key} hi"]).all()
+    # the point estimate is the notebooks' held-out course F1: one number per quantity
+    held = compare.held_out_course_f1(run.targets, run.probs["m_a"], run.shrink, True)
+    assert study.loc["m_a", "course F1"] == pytest.approx(held)
     best = study["course F1"].idxmax()
-    assert all(name.endswith(f" - {best}") for name in diffs.index) and len(diffs) == 3
-    assert diffs.loc[f"course recipe - {best}", "course F1 beyond noise"]  # it predicts nothing
+    assert all(name.endswith(f" - {best}") for name in diffs.index) and len(diffs) == 4
+    assert diffs.loc[f"{recipes[0]} - {best}", "course F1 beyond noise"]  # it predicts nothing
     phases = analysis.frozen_against_finetuned(run, n_boot=200)
     assert list(phases.index) == ["m_a", "m_b"] and (phases["gain"] > 0).all()
-    steps = analysis.threshold_steps(run.targets, run.val["m_a"]["probs"], None, None)
-    key = analysis.key_numbers(run, study, diffs, phases, steps)
-    text = key.to_string()
-    assert f"{study.loc['m_a', 'course F1']:.3f}" in text and "beyond noise" in text
-    assert key.loc["validation images", "value"] == str(len(run.stems))
+    seeds = analysis.seed_table(run, n_boot=200)
+    assert list(seeds.index) == ["m_a"]  # m_b has one seed: no spread to show
+    f1 = [seeds.loc["m_a", "seed 0"], seeds.loc["m_a", "seed 1"]]
+    assert seeds.loc["m_a", "sd over seeds"] == pytest.approx(np.std(f1, ddof=1))
+    assert seeds.loc["m_a", "seed 0"] == pytest.approx(
+        compare.held_out_course_f1(run.targets, run.frozen_probs["m_a"], run.shrink, True)
+    )
+    assert seeds.loc["m_a", "bootstrap half-width (first seed)"] > 0
+
+
+def test_class_weights_confusions_and_the_test_against_its_range():
+    Y = np.zeros((10, C), dtype=np.uint8)
+    Y[:, 0], Y[:2, 2], Y[:1, 7] = 1, 1, 1  # person everywhere, car twice, truck once
+    w = analysis.class_weights(Y)
+    assert list(w["class"]) == ["truck", "car", "person"] and w["cumulative"].iloc[-1] == 1
+    assert w["weight"].tolist() == pytest.approx([1 / 1.6, 0.5 / 1.6, 0.1 / 1.6])
+    pred = Y.astype(bool).copy()
+    pred[1:4, 7] = True  # truck predicted on images 1..3: two have a car, all have a person
+    table = analysis.confusions(Y, pred, analysis.cooccurrence(Y))
+    first = table.iloc[0]
+    assert (first["predicted (absent)"], first["present"], first["images"]) == (
+        "truck",
+        "person",
+        3,
+    )
+    car = table[(table["predicted (absent)"] == "truck") & (table["present"] == "car")].iloc[0]
+    assert car["images"] == 1 and car["share of its false positives"] == pytest.approx(1 / 3)
+    assert car["P(predicted | present), training"] == pytest.approx(0.5)
+    summary = {"test_scores": {"course_f1": 0.42, "n_images": 32},
+               "expected_course_f1": {"expected": 0.5, "p10": 0.44, "p90": 0.6}}  # fmt: skip
+    assert analysis.test_against_expected(summary)["where"].item() == "below"
+    assert analysis.test_against_expected({}) is None
+
+
+def test_reading_prose_must_quote_numbers_its_outputs_hold():
+    def cell(kind, text, out=""):
+        c = {"cell_type": kind, "source": [text]}
+        if kind == "code":
+            c["outputs"] = [{"output_type": "stream", "name": "stdout", "text": out}]
+        return c
+
+    nb = {"cells": [
+        cell("markdown", "## 2. The study"), cell("code", "x", "f1 0.491 [0.415, 0.567]"),
+        cell("markdown", "*In this run:* 0.491, between 0.415 and 0.567.\n> quoted: 13.6%"),
+        cell("markdown", "## 3. Other"), cell("code", "y", "0.25"),
+        cell("markdown", "## 4. Conclusions"),
+        cell("markdown", "Lite1 0.491 (§2) and 0.25 (§3).\n\nAnd 0.25 again (§2)."),
+    ]}  # fmt: skip
+    assert report.unbacked_numbers(nb) == ["0.25 (section 2): not in its outputs"]
+    nb["cells"][2]["source"] = ["*In this run:* 0.49 is not 0.491."]  # a prefix is not a match
+    assert report.unbacked_numbers(nb) == [
+        "0.49 (section 2): not in its outputs", "0.25 (section 2): not in its outputs"
+    ]  # fmt: skip

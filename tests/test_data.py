@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 import helpers as h
-from cocochallenge import config, data, files, split, transforms
+from cocochallenge import config, data, files, models, split, transforms
 from conftest import write_labels
 
 pytestmark = pytest.mark.quick
@@ -236,12 +236,13 @@ def test_loaders_for_65000_ids_list_the_ids_once_per_view(monkeypatch):
         return real(dataset)
 
     monkeypatch.setattr(data, "stems", counted)
-    cfg = {"pad": False, "workers": 0}
-    namespace = dict(cfg=cfg, transforms=transforms, data=data, BATCH_SIZE=64, AUGMENT="none",
-                     device=torch.device("cpu"), train_set=base, test_set=test,
-                     train_idx=np.arange(6_500, n), val_idx=np.arange(6_500))  # fmt: skip
+    cfg = {"pad": False, "workers": 0, "img_size": 32}
+    namespace = dict(cfg=cfg, transforms=transforms, data=data, models=models, BATCH_SIZE=64,
+                     AUGMENT="none", device=torch.device("cpu"), train_set=base, test_set=test,
+                     train_idx=np.arange(6_500, n), val_idx=np.arange(6_500),
+                     fit_idx=np.arange(6_500, 13_000))  # fmt: skip
     exec(compile(cell, "challenge.ipynb", "exec"), namespace)
-    loaders = namespace["loaders_for"]({"size": 32, "mean": (0.5,) * 3, "std": (0.5,) * 3})
+    loaders = namespace["loaders_for"]("efficientnet_lite0")
     assert len(loaders["train"].dataset) == n - 6_500 and len(loaders["val"].dataset) == 6_500
     assert loaders["val"].dataset.stems[-1] == f"{6_499:012d}"
     assert len(calls) <= len(loaders), f"{len(calls)} passes over the 65,000 ids"

@@ -156,8 +156,10 @@ def test_ensemble_refuses_models_validated_on_other_images(tmp_path):
         )
         files.save_npz(folder / "test_scores.npz", probs=p, probs_tta=p, stems=np.array(stems))
         files.save_json({"train_seconds": 1, "parameters": 1}, folder / "result.json")
+    scores = {n: runs.load_scores(tmp_path, n) for n in ("a", "b")}
     with pytest.raises(files.StaleRunError, match="different images"):
-        runs.compare_models(tmp_path, ["a", "b"])
+        runs.same_images(scores)
+    runs.same_images({"a": scores["a"], "again": scores["a"]})  # the same images: no error
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
@@ -260,43 +262,29 @@ def test_logistic_head_folds_the_standardisation_and_oof_never_sees_its_rows():
     assert (np.abs(t - g) <= np.abs(raw - g) + 1e-12).all()  # never further from the global one
 
 
-def test_thresholds_come_from_out_of_fold_scores_when_every_model_has_them(tmp_path):
+def test_the_notebook_and_the_cpu_recipe_choose_the_same_thresholds():
+    """One rule: challenge.ipynb's `thresholds_for` (section 9, run from the notebook's own cell)
+    and cpu_recipe.py's give the same thresholds on the same scores."""
+    import cpu_recipe
+
+    cell = next(c for c in _notebook_cells("challenge.ipynb") if "def thresholds_for(" in c)
     rng = np.random.default_rng(0)
-    y_val = (rng.random((40, 80)) < 0.1).astype(np.uint8)
-    y_tr = (rng.random((100, 80)) < 0.1).astype(np.uint8)
-    for name in ("a", "b"):
-        folder = tmp_path / "models" / name
-        p = np.clip(y_val * 0.6 + rng.random((40, 80)) * 0.5, 0, 1).astype(np.float32)
-        files.save_npz(
-            folder / "val_scores.npz",
-            probs=p,
-            probs_tta=p,
-            targets=y_val,
-            stems=np.arange(40).astype(str),
-        )
-        files.save_npz(
-            folder / "test_scores.npz", probs=p[:5], probs_tta=p[:5], stems=np.arange(5).astype(str)
-        )
-        files.save_npz(
-            folder / "train_oof.npz",
-            probs=np.clip(y_tr * 0.5 + rng.random((100, 80)) * 0.5, 0, 1),
-            targets=y_tr,
-        )
-        files.save_json({"train_seconds": 1, "parameters": 1}, folder / "result.json")
-    table, details = runs.compare_models(tmp_path, ["a", "b"], tta=False, shrink=10)
-    assert "f1_oof_thresholds" in table and set(table.index) == {"a", "b", "ensemble"}
-    ens_oof = (details["a"]["oof"] + details["b"]["oof"]) / 2
-    assert np.allclose(
-        details["ensemble"]["thresholds"], metrics.shrunk_thresholds(y_tr, ens_oof, 10)
-    )
-    saved = json.loads((tmp_path / "thresholds.json").read_text())
-    assert saved["a"]["source"] == "out-of-fold training scores"
-    (
-        tmp_path / "models/b/train_oof.npz"
-    ).unlink()  # one model without: validation thresholds for all
-    table, _ = runs.compare_models(tmp_path, ["a", "b"], tta=False)
-    assert "f1_oof_thresholds" not in table
-    assert json.loads((tmp_path / "thresholds.json").read_text())["a"]["source"] == "validation"
+    y = (rng.random((150, 80)) < 0.08).astype(np.uint8)
+    p = np.clip(y * 0.5 + rng.random((150, 80)) * 0.5, 0, 1)
+    namespace = {"metrics": metrics, "cfg": {"shrink": 7}, "probs": {"m": p}, "y": y}
+    exec(compile(cell, "challenge.ipynb", "exec"), namespace)
+    best, recipe = cpu_recipe.thresholds_for(y, p, shrink=7)
+    np.testing.assert_array_equal(namespace["thresholds_for"](y, p), recipe)
+    np.testing.assert_array_equal(namespace["thresholds"]["m"], recipe)
+    assert best == metrics.best_global_threshold(y, p)[0]
+    assert not np.allclose(recipe, cpu_recipe.thresholds_for(y, p, shrink=1)[1])  # shrink acts
+
+
+def _notebook_cells(name):
+    from pathlib import Path
+
+    nb = json.loads((Path(__file__).resolve().parents[1] / name).read_text())
+    return ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
 
 
 def test_equal_f1_cuts_keep_the_highest_threshold():

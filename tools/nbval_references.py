@@ -5,7 +5,7 @@
 The committed notebooks show a run on real photos, which a newcomer without the photos cannot
 repeat. So nbval runs copies of them, ``tests/nbval/1_challenge.ipynb`` and
 ``2_analysis.ipynb``, in the small demo configuration of the root ``conftest.py``, and compares
-the cells marked ``# NBVAL_CHECK_OUTPUT`` with outputs of that same configuration. This script
+the cells tagged ``nbval-check-output`` with outputs of that same configuration. This script
 runs both notebooks that way (papermill, from ``tests/nbval/`` as nbval does) and keeps the
 outputs of the checked cells only, without images (nbval does not compare them). Run it after
 a change to the notebooks; ``tests/test_layout.py`` fails when the copies' code differs from
@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "tests" / "nbval"
 PAIRS = (("challenge.ipynb", "1_challenge.ipynb"), ("analysis.ipynb", "2_analysis.ipynb"))
-CHECKED = "# NBVAL_CHECK_OUTPUT"
+CHECKED = "nbval-check-output"  # nbval's cell tag
 
 
 def keep_checked_outputs(nb) -> None:
@@ -28,7 +28,7 @@ def keep_checked_outputs(nb) -> None:
     for cell in nb.cells:
         if cell.cell_type != "code":
             continue
-        if CHECKED not in cell.source:
+        if CHECKED not in cell.metadata.get("tags", []):
             cell.outputs, cell.execution_count = [], None
             continue
         for out in cell.outputs:

@@ -1,0 +1,85 @@
+"""The notebooks as the team's report: the team block filled in, the prose tied to the outputs.
+
+The hand-in (:mod:`handin`) warns when either fails, and the tests hold the committed notebooks
+to the same rules: a report whose prose quotes numbers its outputs do not show was written for
+another run.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+#: The placeholders of challenge.ipynb's team block (the cell tagged ``team``).
+TEAM_PLACEHOLDERS = ("(your names)", "(who did what)")
+
+_NUMBER = r"(?<![\w.])\d+\.\d+(?![\d])"
+_REFERENCE = r"\(§(\d+)\)"
+
+
+def unbacked_numbers(notebook: dict) -> list[str]:
+    """Numbers a notebook's reading prose quotes that its outputs do not hold ([] when none).
+
+    Reading prose: markdown cells that start with ``*In this run`` and the cells of a section
+    titled ``Conclusions``. Each decimal number must appear in the outputs of the code cells
+    of the section the prose refers to: the section named by the next ``(§N)`` in the same
+    paragraph, else the prose's own section. Quoted lines (``>``) hold figures from elsewhere
+    and are not checked. A failure means the prose was written for another run.
+    """
+    sections, current, title = {}, 0, {}
+    for cell in notebook["cells"]:
+        text = "".join(cell["source"])
+        heading = re.match(r"## (\d+)\. (.*)", text)
+        if cell["cell_type"] == "markdown" and heading:
+            current = int(heading.group(1))
+            title[current] = heading.group(2)
+        cell["_section"] = current
+        if cell["cell_type"] == "code":
+            sections.setdefault(current, []).append(json.dumps(cell.get("outputs", [])))
+    problems = []
+    for cell in notebook["cells"]:
+        text = "".join(cell["source"])
+        reading = text.startswith("*In this run") or "Conclusions" in title.get(
+            cell["_section"], ""
+        )
+        if cell["cell_type"] != "markdown" or not reading:
+            continue
+        for paragraph in re.split(r"\n\s*\n", text):
+            lines = [line for line in paragraph.splitlines() if not line.lstrip().startswith(">")]
+            rest, start = " ".join(lines), 0
+            for ref in list(re.finditer(_REFERENCE, rest)) + [None]:
+                end = ref.start() if ref else len(rest)
+                section = int(ref.group(1)) if ref else cell["_section"]
+                shown = "\n".join(sections.get(section, []))
+                for number in re.findall(_NUMBER, rest[start:end]):
+                    if not re.search(rf"(?<![\d.]){re.escape(number)}(?!\d)", shown):
+                        problems.append(f"{number} (section {section}): not in its outputs")
+                start = end
+    for cell in notebook["cells"]:
+        cell.pop("_section", None)
+    return problems
+
+
+def team_blank(notebook: dict) -> bool:
+    """Whether the team block (the markdown cell tagged ``team``) still holds its placeholders."""
+    for cell in notebook["cells"]:
+        if "team" in cell.get("metadata", {}).get("tags", []):
+            return any(p in "".join(cell["source"]) for p in TEAM_PLACEHOLDERS)
+    return False
+
+
+def warnings_for(paths) -> list[str]:
+    """What a reader of these notebooks would object to: a blank team block, prose quoting
+    numbers the outputs do not hold. Each a sentence naming the notebook."""
+    out = []
+    for path in paths:
+        nb = json.loads(Path(path).read_text())
+        if team_blank(nb):
+            out.append(f"{Path(path).name}: the team block is blank: write your names and who "
+                       "did what in its 'Team' cell")  # fmt: skip
+        bad = unbacked_numbers(nb)
+        if bad:
+            out.append(f"{Path(path).name}: its prose quotes numbers its outputs do not show "
+                       f"(written for another run?): {'; '.join(bad[:5])}")  # fmt: skip
+    return out
