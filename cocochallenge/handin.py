@@ -12,6 +12,7 @@ import zipfile
 from pathlib import Path
 
 from .files import CannotWrite, CorruptFile, atomic_path, held_note, load_json
+from .report import warnings_for
 from .submission import SubmissionError, read_submission, validate_submission
 
 #: Files of the project packed beside the run (the library and how to run it).
@@ -144,6 +145,9 @@ def pack(run_dir: Path | str, out: Path | str | None = None, max_mb: float = 20.
                 "run/environment.json")  # fmt: skip
     problems = [f"{name} is missing" for name in required if name not in files]
     held_note(run_dir, log)
+    notebooks = [files[n] for n in NOTEBOOKS if n in files]
+    for warning in warnings_for(notebooks):  # the report itself: said, not blocking
+        log(f"WARNING: {warning}")
     for name, path in files.items():
         if name.startswith("run/") and name.endswith(".json") and name != "run/submission.json":
             try:

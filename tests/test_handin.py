@@ -117,3 +117,33 @@ def test_size_limit_is_a_parameter(run):
     lines = []
     assert handin.pack(run, max_mb=0.1, log=lines.append) is None and "limit" in lines[-1]
     assert handin.pack(run, max_mb=5, log=lines.append) is not None
+
+
+def test_a_blank_team_block_and_prose_of_another_run_are_warned_about(run):
+    """The zip is still written (a warning, not a refusal), but the team hears that the team
+    block is blank and that the analysis quotes a number its outputs do not show."""
+    path = run / "challenge.ipynb"
+    nb = json.loads(path.read_text())
+    team = {"cell_type": "markdown", "metadata": {"tags": ["team"]},
+            "source": ["## Team\n- **Names:** (your names)\n"]}  # fmt: skip
+    nb["cells"].insert(0, team)
+    path.write_text(json.dumps(nb))
+    analysis = run / "analysis.ipynb"
+    nb = json.loads(analysis.read_text())
+    nb["cells"][:0] = [{"cell_type": "markdown", "metadata": {}, "source": ["## 2. Study"]}]
+    nb["cells"].insert(2, {"cell_type": "markdown", "metadata": {},
+                           "source": ["*In this run:* course F1 0.491."]})  # fmt: skip
+    analysis.write_text(json.dumps(nb))
+    lines = []
+    assert handin.pack(run, log=lines.append) is not None
+    warned = [line for line in lines if line.startswith("WARNING")]
+    assert len(warned) == 2, lines
+    assert "challenge.ipynb: the team block is blank" in warned[0]
+    assert "analysis.ipynb" in warned[1] and "0.491" in warned[1]
+    team["source"] = ["## Team\n- **Names:** Ada and Alan\n"]
+    nb = json.loads(path.read_text())
+    nb["cells"][0] = team
+    path.write_text(json.dumps(nb))
+    lines = []
+    handin.pack(run, log=lines.append)
+    assert sum(line.startswith("WARNING") for line in lines) == 1  # only the prose now
