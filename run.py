@@ -92,9 +92,9 @@ def execute(notebook: Path, out: Path, parameters: dict, quiet: bool = False) ->
                     progress_bar=False, stdout_file=stream,
                     stderr_file=None if quiet else sys.stderr,
                 )  # fmt: skip
-            finally:  # a kernel manager handed to papermill is ours to stop
-                if km.has_kernel:
-                    km.shutdown_kernel(now=True)
+            finally:  # a kernel manager handed to papermill is ours to stop: asked, not killed,
+                if km.has_kernel:  # its exit releases the run folder (files.hold_run_folder)
+                    km.shutdown_kernel(now=False)
     finally:
         if out.exists():
             nb = nbformat.read(out, as_version=4)

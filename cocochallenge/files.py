@@ -330,12 +330,13 @@ def hold_run_folder(run_dir: Path | str, log=print, take: bool = True) -> bool:
     if holder is not None:
         why = _gone(holder)
         if why is None:
+            unsure = f" (No such process any more? Delete {lock}.)" if os.name == "nt" else ""
             raise RunFolderBusy(
                 f"{run_dir} is held by another training run: {_who(holder)}. Two runs in one "
                 "folder would train the same models twice and overwrite each other's files. "
                 "Wait until it ends; or stop it (in its notebook: Kernel > Shut Down Kernel; "
                 f"else `kill {holder['pid']}` on {holder['host']}); or set RUN_DIR to another "
-                f"folder. (No such process any more? Delete {lock}.)"
+                f"folder.{unsure}"
             )
         if take:
             log(f"note: took over {run_dir} from {_who(holder)}: {why}")
