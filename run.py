@@ -103,12 +103,50 @@ def execute(notebook: Path, out: Path, parameters: dict, quiet: bool = False) ->
             for key in ("input_path", "output_path"):  # no machine's folders in a notebook
                 if paths.get(key):
                     paths[key] = os.path.relpath(paths[key], ROOT)
+            tidy_outputs(nb)
             nbformat.write(nb, out)
             try:
                 NotebookNotary().sign(nb)
             except Exception as err:  # a read-only Jupyter data folder: unsigned, still valid
                 print(f"note: could not sign {out} as trusted ({err})")
     return time.perf_counter() - t0
+
+
+def tidy_outputs(nb) -> None:
+    """Each cell's printed text as a terminal shows it: consecutive stream outputs joined, and
+    progress bars (redrawn with carriage returns, cleared when done) resolved to what is left on
+    screen, so a saved notebook holds the epoch lines, not thousands of bar frames."""
+    for cell in nb.cells:
+        merged = []
+        for out in cell.get("outputs", []):
+            same = merged and out.get("output_type") == "stream" == merged[-1].get("output_type")
+            if same and out.get("name") == merged[-1].get("name"):
+                merged[-1]["text"] += out["text"]
+            else:
+                merged.append(out)
+        for out in merged:
+            if out.get("output_type") == "stream" and "\r" in out["text"]:
+                lines = out["text"].split("\n")  # not splitlines: it also splits at "\r"
+                out["text"] = "\n".join(_overprint(line) for line in lines)
+        cell["outputs"] = [o for o in merged if o.get("output_type") != "stream" or o["text"]]
+
+
+def _overprint(line: str) -> str:
+    """One line as a terminal leaves it: each carriage return writes over its start."""
+    shown = ""
+    for part in line.split("\r"):
+        shown = part + shown[len(part) :]
+    return shown.rstrip() if "\r" in line else line
+
+
+def without_injected_cell(path: Path) -> None:
+    """Remove papermill's injected-parameters cell: in a committed notebook it would sit under
+    the parameters cell and override a student's edit of it."""
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    nb.cells = [c for c in nb.cells if "injected-parameters" not in c.metadata.get("tags", [])]
+    nbformat.write(nb, path)
 
 
 def uses_cpu_recipe(args, cuda: bool | None = None) -> bool:
@@ -232,6 +270,7 @@ def main(argv=None) -> int:
 
         for name in ("challenge.ipynb", "analysis.ipynb"):
             shutil.copyfile(run_dir / name, ROOT / name)
+            without_injected_cell(ROOT / name)
             print(f"{name}: committed outputs replaced by this run's")
     if args.handin:
         from cocochallenge.handin import pack

@@ -387,3 +387,25 @@ def test_only_the_parameters_cell_sets_the_parameters(name):
         assigned = {t.id for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Assign)
                     for t in n.targets if isinstance(t, ast.Name)}  # fmt: skip
         assert not assigned & names, (assigned & names, source[:80])
+
+
+def test_saved_notebooks_keep_the_printed_lines_not_the_progress_bar_frames():
+    """run.py saves what a terminal shows: consecutive text outputs joined, bars redrawn with
+    carriage returns and cleared when done gone, the epoch lines kept (JupyterLab folds a cell
+    with more than 50 outputs behind "Show more outputs")."""
+    import nbformat
+
+    import run
+
+    stream = lambda text: nbformat.v4.new_output("stream", name="stdout", text=text)  # noqa: E731
+    cell = nbformat.v4.new_code_cell("x")
+    cell.outputs = [stream("\nlite0: new\n"), stream("\r 10%|#  | 1/9"), stream("\r 90%|## | 8/9"),
+                    stream("\r           \r"), stream("  frozen 1/2  loss 0.1\n"),
+                    stream("\rfeatures: 50%"), stream("\r             \r"),
+                    nbformat.v4.new_output("execute_result", data={"text/plain": "table"}),
+                    stream("after\n")]  # fmt: skip
+    nb = nbformat.v4.new_notebook(cells=[cell])
+    run.tidy_outputs(nb)
+    texts = [o.get("text") for o in cell.outputs]
+    assert texts == ["\nlite0: new\n  frozen 1/2  loss 0.1\n", None, "after\n"]
+    assert run._overprint("abcdef\rxy") == "xycdef"  # a shorter write leaves the rest
