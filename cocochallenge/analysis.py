@@ -18,7 +18,7 @@ from .checkpoints import PhaseCheckpoint
 from .compare import compare, cross_fitted, held_out_course_f1
 from .config import CLASSES
 from .data import data_paths, read_label_matrix
-from .files import load_json
+from .files import SaysWhatToDo, load_json, load_npz
 from .metrics import (
     COURSE_LOGIT_THRESHOLD_AS_PROB,
     THRESHOLD_GRID,
@@ -31,11 +31,8 @@ from .runs import BASELINE, load_scores
 EVIDENCE = Path(__file__).resolve().parents[1] / "tools" / "ablation" / "evidence.csv"
 
 
-class RunNotFound(FileNotFoundError):
+class RunNotFound(SaysWhatToDo, FileNotFoundError):
     """The run folder lacks what the challenge notebook writes; shown as its message alone."""
-
-    def _render_traceback_(self):  # IPython shows these lines instead of a traceback
-        return [f"{type(self).__name__}: {self}"]
 
 
 class RunArtifacts:
@@ -117,11 +114,8 @@ class RunArtifacts:
         for name in self.names:
             folder = self.run_dir / BASELINE / name
             if (folder / "val_scores.npz").is_file():
-                with np.load(folder / "val_scores.npz") as z:
-                    self.baselines[name] = {
-                        "probs": z["probs"],
-                        **load_json(folder / "result.json"),
-                    }
+                probs = load_npz(folder / "val_scores.npz")["probs"]
+                self.baselines[name] = {"probs": probs, **load_json(folder / "result.json")}
 
     def chosen(self, name: str = "") -> str:
         """``name`` if given (checked), else the model the challenge notebook submitted."""
