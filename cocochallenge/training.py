@@ -129,6 +129,27 @@ def predict(
 
 
 # ---- Frozen phase from cached features ------------------------------------------------------
+def release_freed_memory() -> None:
+    """Hand the memory glibc keeps for reuse (``config.keep_freed_memory``) back to the system.
+
+    Called before a loader forks its workers: the forked workers share every page of the
+    process, so each kept page the process writes again afterwards is first copied, one
+    fault at a time. Measured here (Lite0 at 128 px, 2 workers, 2 cores): 110,000 such
+    faults and 1.9 s of system time per loader, 1.46 s for the features of 128 images
+    against 0.51 s once the kept memory is released (the pages then come back as fresh
+    zero pages, cheaply). Without glibc nothing is done.
+    """
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux":
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 @torch.inference_mode()
 def extract_features(
     backbone: nn.Module,
@@ -145,6 +166,8 @@ def extract_features(
     once and lets the head train for as many epochs as wanted on ``N x dim`` numbers.
     """
     backbone.eval()
+    if getattr(loader, "num_workers", 0) > 0:
+        release_freed_memory()  # before the workers fork: see there
     feats = []
     for x, _ in progress(loader, show_progress, desc=desc, leave=False):
         with autocast(device, amp_dtype):
@@ -202,8 +225,10 @@ def one_pass_loader(loaders: list[DataLoader]) -> DataLoader:
     """One loader over the images of ``loaders``, in their order, with the first one's settings.
 
     Each loader with workers starts its own processes and fills its own pipeline before its
-    first batch: measured here (EfficientNet-Lite0, 128 px, 2 workers, 2 cores) 1.9 s more for
-    a train and a validation loader than for one loader over both, the same per image.
+    first batch. Measured here (EfficientNet-Lite0, 128 px, 2 workers, 2 cores; a straight
+    line through 125 and 500 images), a train and a validation loader cost 0.31 s fixed
+    against 0.14 s for one loader over both, 3.15 ms per image either way (2.1 s against
+    1.2 s before the kept memory was released at each start, :func:`release_freed_memory`).
     """
     for loader in loaders:
         if not isinstance(loader.sampler, SequentialSampler) or loader.drop_last:

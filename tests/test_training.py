@@ -241,3 +241,14 @@ def test_one_pass_loader_keeps_the_workers_and_refuses_a_shuffled_loader():
     shuffled = DataLoader(loaders["train"].dataset, batch_size=4, shuffle=True)
     with pytest.raises(ValueError, match="in order"):
         training.one_pass_loader([loaders["test"], shuffled])
+
+
+def test_kept_memory_is_released_before_workers_fork_only(monkeypatch):
+    """A loader with workers forks the process: the memory glibc keeps is handed back first
+    (else each kept page the process writes again is copied); without workers, nothing."""
+    calls = []
+    monkeypatch.setattr(training, "release_freed_memory", lambda: calls.append(1))
+    for workers, expected in ((0, []), (1, [1])):
+        loader = _parts(workers)["train"]
+        training.extract_features(_Recorder(), loader, "cpu", show_progress=False)
+        assert calls == expected
