@@ -165,14 +165,45 @@ def extract_features(
     every epoch: the course loop recomputes the whole network each time, this computes it
     once and lets the head train for as many epochs as wanted on ``N x dim`` numbers.
     """
+    rows = len(loader.dataset) if hasattr(loader, "dataset") else None
+    if rows is None:  # batches without a dataset (a list): gathered, then joined
+        return torch.cat(list(_feature_batches(backbone, loader, device, amp_dtype,
+                                               show_progress, desc)))  # fmt: skip
+    return _features_into(backbone, loader, device, [rows], amp_dtype, show_progress, desc)[0]
+
+
+def _feature_batches(backbone, loader, device, amp_dtype, show_progress, desc):
+    """The float16 CPU features of each batch of ``loader``, in order."""
     backbone.eval()
     if getattr(loader, "num_workers", 0) > 0:
         release_freed_memory()  # before the workers fork: see there
-    feats = []
     for x, _ in progress(loader, show_progress, desc=desc, leave=False):
         with autocast(device, amp_dtype):
-            feats.append(backbone(x.to(device, non_blocking=True)).float().half().cpu())
-    return torch.cat(feats)
+            yield backbone(x.to(device, non_blocking=True)).float().half().cpu()
+
+
+def _features_into(backbone, loader, device, sizes, amp_dtype, show_progress, desc) -> list:
+    """The features of ``loader``'s rows written into one tensor per part of ``sizes`` rows,
+    each made at the first batch: no second copy of the whole set. For 58,500 + 6,500 x 1,280
+    features (160 MB) the peak RSS rose 183 MB, against 401 MB with batches gathered, joined,
+    then split into parts."""
+    parts, part, row = [], 0, 0
+    for f in _feature_batches(backbone, loader, device, amp_dtype, show_progress, desc):
+        if not parts:
+            parts = [torch.empty((n, *f.shape[1:]), dtype=f.dtype) for n in sizes]
+        while len(f):
+            while part < len(sizes) and row == sizes[part]:  # this part is full: the next
+                part, row = part + 1, 0
+            if part == len(sizes):
+                raise ValueError(f"the loader gave more rows than its {sum(sizes)} images")
+            take = min(len(f), sizes[part] - row)
+            parts[part][row : row + take] = f[:take]
+            f, row = f[take:], row + take
+    while part < len(sizes) and row == sizes[part]:
+        part, row = part + 1, 0
+    if not parts or part < len(sizes):
+        raise ValueError(f"the loader gave fewer rows than its {sum(sizes)} images")
+    return parts
 
 
 def cached_features(
@@ -254,12 +285,12 @@ def extract_feature_parts(backbone: nn.Module, loaders: dict, device, **kwargs) 
     """:func:`extract_features` of several parts (``{name: loader}``) in one pass over all their
     images (:func:`one_pass_loader`): one start of the loader's workers, not one per part."""
     names = list(loaders)
-    feats = extract_features(backbone, one_pass_loader(list(loaders.values())), device, **kwargs)
     sizes = [len(loaders[n].dataset) for n in names]
-    if len(names) == 1:
-        return {names[0]: feats}
-    # each part its own copy: a saved view would save the whole pass's storage
-    return {n: f.clone() for n, f in zip(names, torch.split(feats, sizes))}
+    options = dict(amp_dtype=None, show_progress=True, desc="features") | kwargs
+    joint = one_pass_loader(list(loaders.values()))
+    # each part its own tensor, filled as the batches come (a view of one tensor would save
+    # the whole pass's storage in each part's file)
+    return dict(zip(names, _features_into(backbone, joint, device, sizes, **options)))
 
 
 def cached_feature_parts(

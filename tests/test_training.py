@@ -252,3 +252,25 @@ def test_kept_memory_is_released_before_workers_fork_only(monkeypatch):
         loader = _parts(workers)["train"]
         training.extract_features(_Recorder(), loader, "cpu", show_progress=False)
         assert calls == expected
+
+
+def test_feature_parts_fill_each_part_across_batches_and_an_empty_part():
+    """Rows go to their part whatever the batches: one that straddles two parts, an empty part,
+    and a loader that gives fewer rows than its dataset claims is refused, not padded."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x = torch.rand(9, 1, 2, 2, generator=torch.Generator().manual_seed(1))
+    parts = {"a": x[:5], "empty": x[:0], "b": x[5:]}
+    loaders = {k: DataLoader(TensorDataset(v, torch.zeros(len(v))), batch_size=4)
+               for k, v in parts.items()}  # fmt: skip
+    got = training.extract_feature_parts(_Recorder(), loaders, "cpu", show_progress=False)
+    for k, v in parts.items():
+        assert torch.equal(got[k], _Recorder()(v).half())
+
+    class Short(TensorDataset):
+        def __len__(self):
+            return 12  # three rows more than it gives
+
+    short = DataLoader(Short(x, torch.zeros(9)), batch_size=4, sampler=range(9))
+    with pytest.raises(ValueError, match="fewer rows"):
+        training.extract_features(_Recorder(), short, "cpu", show_progress=False)
