@@ -27,7 +27,18 @@ measures, each time the course's way against the library's:
    in a subprocess so that its peak RSS is its own;
 7. on a CPU, glibc's default allocator against ``config.keep_freed_memory`` (which this process
    uses unless ``--keep-freed-memory no``): wall, user and system seconds and minor page
-   faults of feature extraction and of a fine-tuning epoch, each in fresh processes.
+   faults of feature extraction and of a fine-tuning epoch, each in fresh processes;
+8. the analysis at the course's size, on synthetic scores of 6,500 validation images x 80
+   classes (COCO-like class imbalance) and 3 networks, in a fresh process (its own peak RSS):
+   the paired comparison (``compare.cross_fitted`` then ``compare.compare``, 1,000 resamples)
+   and the analysis notebook's computations, step by step.
+
+Part 1 also times the feature pass at two sizes (a quarter of the images and all of them), as
+one pass over train and validation (``training.extract_feature_parts``) and as two loaders,
+one per part: the straight line through the two gives its fixed cost (workers' start-up, the
+pipeline's first batch) and its cost per image, and the frozen phase's speed-up is projected
+to the course's size. Part 6 also builds the notebook's five loaders for the ids of the label
+files (no image is read before a batch is drawn).
 
 It prints a table and, as the last line, one JSON object with every figure, the settings and
 pass/fail booleans against the targets. The two ways are timed in alternation, several
@@ -269,10 +280,10 @@ def bench_frozen(args, device, ds, Y, train_idx, val_idx) -> dict:
         fkw = dict(amp_dtype=amp_dtype, show_progress=False)
         t_start = time.perf_counter()
         train_loader = transforms.make_loader(train_set, B, False, device)
-        f_train = training.extract_features(fast_model.backbone, train_loader, device, **fkw)
-        f_val = training.extract_features(
-            fast_model.backbone, transforms.make_loader(val_set, B, False, device), device, **fkw
-        )
+        val_loader = transforms.make_loader(val_set, B, False, device)
+        parts = {"train": train_loader, "val": val_loader}  # one pass: the workers start once
+        feats = training.extract_feature_parts(fast_model.backbone, parts, device, **fkw)
+        f_train, f_val = feats["train"], feats["val"]
         sync(device)
         t_feat = time.perf_counter()
         order = EpochPermutation(len(f_train), seed)  # the course side's batch order
@@ -304,6 +315,24 @@ def bench_frozen(args, device, ds, Y, train_idx, val_idx) -> dict:
             "feature_dtype": str(f_train.dtype).replace("torch.", ""),
         }
 
+    def feature_pass(n: int, one_pass: bool) -> float:
+        """Seconds of the features of the first ``n`` images (train, then val, 4:1), loaders
+        built and started included: one pass over both parts, or one loader per part."""
+        n_val = max(1, min(len(val_set), n // 5))
+        n_tr = max(1, min(len(train_set), n - n_val))
+        sub = {"train": data.LabelledSubset(ds, train_idx[:n_tr], eval_t),
+               "val": data.LabelledSubset(ds, val_idx[:n_val], eval_t)}  # fmt: skip
+        fkw = dict(amp_dtype=amp_dtype, show_progress=False)
+        t0 = time.perf_counter()
+        loaders = {k: transforms.make_loader(v, B, False, device) for k, v in sub.items()}
+        if one_pass:
+            training.extract_feature_parts(fast_model.backbone, loaders, device, **fkw)
+        else:
+            for loader in loaders.values():
+                training.extract_features(fast_model.backbone, loader, device, **fkw)
+        sync(device)
+        return time.perf_counter() - t0
+
     # ---- the course's way: train_loop over images, the backbone recomputed each epoch
     sampler = EpochPermutation(len(train_set), seed)
     loader = DataLoader(
@@ -325,6 +354,14 @@ def bench_frozen(args, device, ds, Y, train_idx, val_idx) -> dict:
             rng = torch.get_rng_state()  # keep the course side's dropout stream
             fast_runs.append(fast_run(eval_at))
             torch.set_rng_state(rng)
+    n_all = len(train_idx) + len(val_idx)
+    sizes = (max(2 * B, n_all // 4), n_all) if n_all > 2 * B else (max(2, n_all // 2), n_all)
+    line_rounds = {(way, n): [] for way in ("one pass", "two loaders") for n in sizes}
+    rng = torch.get_rng_state()
+    for _ in range(max(1, args.rounds)):  # alternate ways and sizes: best of each
+        for way, n in line_rounds:
+            line_rounds[(way, n)].append(feature_pass(n, way == "one pass"))
+    torch.set_rng_state(rng)
     t0 = time.perf_counter()
     probs = course_probs(course_model, DataLoader(val_set, batch_size=B, shuffle=False), device)
     course_eval = time.perf_counter() - t0
@@ -350,6 +387,8 @@ def bench_frozen(args, device, ds, Y, train_idx, val_idx) -> dict:
         "val_mAP_spread": float(np.ptp([r["val_mAP"] for r in fast_runs])),
     }
     feature_dtype = fast.pop("feature_dtype")
+    line = feature_line(line_rounds, sizes)
+    course_size = course_size_speedup(args, course, fast, line, len(train_idx), len(val_idx))
     return {
         "backbone": args.frozen_backbone,
         "pretrained": True,
@@ -366,7 +405,57 @@ def bench_frozen(args, device, ds, Y, train_idx, val_idx) -> dict:
         "speedup_wall": ratio(course["seconds_wall"], fast["seconds_wall"]),
         "mAP_diff": abs(course_map - fast["val_mAP_at_course_epochs"]),
         "feature_dtype": feature_dtype,
+        "feature_line": line,
+        "course_size": course_size,
     }
+
+
+def feature_line(rounds: dict, sizes: tuple) -> dict:
+    """Fixed seconds and seconds per image of each way of the feature pass, from the best
+    round at two sizes (a straight line through the two points)."""
+    out = {"sizes": list(sizes)}
+    for way in ("one pass", "two loaders"):
+        small, large = (best(rounds[(way, n)]) for n in sizes)
+        per_image = (large - small) / (sizes[1] - sizes[0])
+        valid = per_image > 0  # noise can beat the per-image cost on tiny sizes (--quick)
+        out[way] = {
+            "seconds": [small, large],
+            "fixed_seconds": small - per_image * sizes[0] if valid else None,
+            "seconds_per_image": per_image if valid else None,
+            "images_per_s": 1.0 / per_image if valid else None,
+            "round_seconds": {str(n): rounds[(way, n)] for n in sizes},
+        }
+    return out
+
+
+def course_size_speedup(args, course: dict, fast: dict, line: dict, n_train: int, n_val: int):
+    """The frozen phase at the course's size (``REAL_RUN``'s images), from the measured rates.
+
+    Course: each epoch a pass over the training images at the best measured epoch's rate,
+    then one validation pass. Library: the feature pass's fixed cost plus its cost per image
+    for train + val, then the head's epochs on cached rows and its evaluation, at the measured
+    rates per row. For this benchmark's ``--epochs`` and the notebook's ``EPOCHS_FROZEN``.
+    """
+    r = REAL_RUN
+    course_epoch_img = course["epoch_seconds_min"] / n_train
+    course_eval_img = course["eval_seconds"] / n_val
+    head_row_epoch = fast["head_seconds"] / (args.epochs * n_train)
+    eval_row = fast["eval_seconds"] / n_val
+    out = {"n_train": r["n_train"], "n_val": r["n_val"]}
+    runs_ = (("benchmark_epochs", args.epochs), ("notebook_epochs", r["epochs_frozen"]))
+    for label, epochs in runs_:
+        c = epochs * r["n_train"] * course_epoch_img + r["n_val"] * course_eval_img
+        head = epochs * r["n_train"] * head_row_epoch + r["n_val"] * eval_row
+        row = {"epochs": epochs, "course_seconds": c}
+        for way in ("one pass", "two loaders"):
+            w = line[way]
+            if w["seconds_per_image"] is None:
+                row[way] = {"seconds": None, "speedup": None}
+                continue
+            f = w["fixed_seconds"] + (r["n_train"] + r["n_val"]) * w["seconds_per_image"] + head
+            row[way] = {"seconds": f, "speedup": ratio(c, f)}
+        out[label] = row
+    return out
 
 
 # =============================================================================================
@@ -560,22 +649,57 @@ def write_label_files(folder: Path, n: int, seed: int) -> float:
         os.remove(entry.path)
     rng = np.random.default_rng(seed)
     ids = np.sort(rng.choice(600_000, size=n, replace=False) + 1)
-    prior = 1.0 / (np.arange(1, config.NUM_CLASSES) + 12.0)
-    prior = prior[rng.permutation(config.NUM_CLASSES - 1)]
+    for image_id, classes in zip(ids, coco_like_labels(n, rng)):
+        with open(labels_dir / f"{int(image_id):012d}.cls", "w") as fh:
+            fh.write("".join(f"{c}\n" for c in classes))
+    marker.write_text(json.dumps(params))
+    return time.perf_counter() - t0
+
+
+#: Class weights as COCO's spread them: after person (half the images), the commonest class in
+#: about 10% of the images and the rarest in about 0.15% (hair drier: about 100 of 65,000).
+COCO_TAIL = np.exp(-0.054 * np.arange(1, 80))
+
+
+def coco_like_labels(n: int, rng: np.random.Generator, weights=None) -> list[list[int]]:
+    """The classes of ``n`` images: person in about half of them, the other classes drawn
+    with ``weights`` by rank (default 1/(rank + 12), a milder tail than :data:`COCO_TAIL`) in a
+    random order, 0 to 6 labels (1% none)."""
+    weights = 1.0 / (np.arange(1, config.NUM_CLASSES) + 12.0) if weights is None else weights
+    prior = np.asarray(weights, dtype=float)[rng.permutation(config.NUM_CLASSES - 1)]
     prior /= prior.sum()
     k_all = rng.choice(7, size=n, p=[0.01, 0.22, 0.25, 0.21, 0.14, 0.10, 0.07])  # 1% unlabelled
     person = rng.random(n) < 0.5
-    for image_id, k, has_person in zip(ids, k_all, person):
+    out = []
+    for k, has_person in zip(k_all, person):
         classes = [0] if has_person and k else []
         m = int(k) - len(classes)
         if m > 0:
             classes += (
                 rng.choice(config.NUM_CLASSES - 1, size=m, replace=False, p=prior) + 1
             ).tolist()
-        with open(labels_dir / f"{int(image_id):012d}.cls", "w") as fh:
-            fh.write("".join(f"{c}\n" for c in classes))
-    marker.write_text(json.dumps(params))
-    return time.perf_counter() - t0
+        out.append(classes)
+    return out
+
+
+def notebook_loaders(train_set, test_set, train_idx, val_idx, batch_size: int = 64) -> dict:
+    """The five loaders challenge.ipynb's ``loaders_for`` builds for one backbone (train
+    augmented, features, fit, val, test), on the ids of ``train_set``: nothing is decoded."""
+    pre = models.preprocess_for(models.OFFLINE_BACKBONE, 224)
+    eval_t = transforms.build_transform(pre, train=False)
+    train_t = transforms.build_transform(pre, train=True)
+    fit_idx = np.random.default_rng(0).choice(train_idx, len(val_idx), replace=False)
+    make = lambda ds, train: transforms.make_loader(  # noqa: E731
+        ds, batch_size if train else 2 * batch_size, train, "cpu", 2
+    )
+    part = lambda idx, t: data.LabelledSubset(train_set, idx, t)  # noqa: E731
+    return {
+        "train": make(part(train_idx, train_t), True),
+        "features": make(part(train_idx, eval_t), False),
+        "fit": make(part(fit_idx, eval_t), False),
+        "val": make(part(val_idx, eval_t), False),
+        "test": make(data.with_transform(test_set, eval_t), False),
+    }
 
 
 def labels_worker(folder: str, val_fraction: float, seed: int) -> int:
@@ -589,6 +713,11 @@ def labels_worker(folder: str, val_fraction: float, seed: int) -> int:
     t1 = time.perf_counter()
     train_idx, val_idx = split.stratified_split(Y, val_fraction, seed)
     t2 = time.perf_counter()
+    test_set = h.COCOTestImageDataset.__new__(h.COCOTestImageDataset)  # the test folder's ids
+    test_set.img_list = [f"{i:012d}.jpg" for i in range(1, budget.COURSE_SIZES["n_test"] + 1)]
+    test_set.img_dir, test_set.transform = root / "images" / "test-resized", None
+    loaders = notebook_loaders(ds, test_set, train_idx, val_idx)
+    t3 = time.perf_counter()
     peak = peak_rss_mb()
     present = Y.sum(0) >= 2
     both = (Y[train_idx].sum(0) > 0) & (Y[val_idx].sum(0) > 0)
@@ -599,6 +728,8 @@ def labels_worker(folder: str, val_fraction: float, seed: int) -> int:
                 "dataset_seconds": t1 - t0,
                 "split_seconds": t2 - t1,
                 "seconds": t2 - t0,
+                "loaders_seconds": t3 - t2,
+                "loaders_rows": {k: len(v.dataset) for k, v in loaders.items()},
                 "baseline_rss_mb": baseline,
                 "peak_rss_mb": peak,
                 "rss_increase_mb": peak - baseline if resettable else None,
@@ -635,6 +766,134 @@ def bench_labels(args, workdir: Path) -> dict:
         files_cached=cached and write_seconds == 0.0,
         page_cache="warm (files just written or read)",
     )
+    return res
+
+
+# =============================================================================================
+# 8. The analysis at the course's size (measured in a subprocess)
+# =============================================================================================
+def synthetic_run(n: int, n_nets: int = 3, seed: int = 0):
+    """What ``analysis.RunArtifacts`` reads from a run folder, for ``n_nets`` networks on ``n``
+    synthetic validation images: COCO-like labels, scores a little better per network, all
+    sharing the images' difficulty (paired, as real networks are), flip-TTA scores, the best
+    frozen head's, the course's recipe on each network's features; thresholds as the
+    challenge notebook chooses them (not timed)."""
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(seed)
+    Y = np.zeros((n, config.NUM_CLASSES), np.uint8)
+    for i, classes in enumerate(coco_like_labels(n, rng, COCO_TAIL)):
+        Y[i, classes] = 1
+    hard = rng.normal(0, 0.8, Y.shape)  # what makes an image hard for every network
+
+    def scores(skill):
+        z = skill * (2.0 * Y - 1) - 2.5 + hard + rng.normal(0, 0.9, Y.shape)
+        return (1 / (1 + np.exp(-z))).astype(np.float32)
+
+    names = [f"net{i}" for i in range(n_nets)]
+    run = SimpleNamespace(targets=Y, stems=[f"{i:012d}" for i in range(n)], names=names,
+                          shrink=10.0, at_least_one=True, tta=True, seed_probs={})  # fmt: skip
+    run.val = {m: {"probs": scores(1.4 + 0.2 * i), "targets": Y} for i, m in enumerate(names)}
+    for m in names:
+        run.val[m]["probs_tta"] = np.clip(run.val[m]["probs"] + scores(0.1) * 0.1, 0, 1)
+    run.probs = {m: run.val[m]["probs_tta"] for m in names}
+    if n_nets > 1:
+        run.probs["ensemble"] = np.mean([run.probs[m] for m in names], axis=0)
+    run.models = list(run.probs)
+    run.frozen_probs = {m: scores(1.2 + 0.2 * i) for i, m in enumerate(names)}
+    run.baselines = {m: {"probs": scores(0.9 + 0.2 * i)} for i, m in enumerate(names)}
+    run.baseline = run.baselines[names[0]]
+    run.results = {m: {"parameters": 4_000_000, "train_seconds": 600.0, "best_phase": "finetune",
+                       "val_images_per_second": 100.0} for m in names}  # fmt: skip
+    run.thresholds = {m: metrics.shrunk_thresholds(Y, p, run.shrink) for m, p in run.probs.items()}
+    run.global_thresholds = {m: metrics.best_global_threshold(Y, p)[0]
+                             for m, p in run.probs.items()}  # fmt: skip
+    return run
+
+
+def analysis_steps(run, n_boot: int, n_test: int) -> dict:
+    """The analysis notebook's computations as it calls them, in its order, and the challenge
+    notebook's expected test F1: ``{step: seconds}``."""
+    from cocochallenge import analysis, compare
+
+    seconds = {}
+
+    def timed(step, fn):
+        t0 = time.perf_counter()
+        out = fn()
+        seconds[step] = time.perf_counter() - t0
+        return out
+
+    y = run.targets
+    timed("study", lambda: analysis.study(run, n_boot))
+    timed("frozen_against_finetuned", lambda: analysis.frozen_against_finetuned(run, n_boot))
+    pairs = [(a, b) for i, a in enumerate(run.names) for b in run.names[i + 1 :]]
+    timed("class_wins", lambda: [compare.class_wins(y, run.probs[a], run.probs[b], n=4)
+                                 for a, b in pairs])  # fmt: skip
+    counts = y.sum(0)
+    timed("per_class_table", lambda: [metrics.per_class_table(y, run.probs[m], run.thresholds[m],
+                                                              run.at_least_one, counts)
+                                      for m in run.models])  # fmt: skip
+    timed("threshold_sweep", lambda: [analysis.threshold_sweep(y, run.probs[m])
+                                      for m in run.models])  # fmt: skip
+    base = run.names[-1]
+    timed("threshold_steps", lambda: analysis.threshold_steps(
+        y, run.val[base]["probs"], run.val[base]["probs_tta"], run.probs.get("ensemble"),
+        run.shrink))  # fmt: skip
+    timed("cooccurrence", lambda: [analysis.cooccurrence(m) for m in (y, y, y)])
+    last = run.models[-1]
+    timed("expected_course_f1", lambda: compare.expected_course_f1(y, run.probs[last], n_test))
+    return seconds
+
+
+def analysis_worker(n: int, n_nets: int, n_boot: int, rounds: int, seed: int) -> int:
+    """Run inside the subprocess: the paired comparison (best of ``rounds``), then the analysis
+    notebook's computations once, each with its own peak RSS over this process's baseline."""
+    from cocochallenge import compare
+
+    baseline = rss_mb()
+    run = synthetic_run(n, n_nets, seed)
+    data_mb = rss_mb() - baseline
+    comparison, peaks, resettable = [], {}, True
+    for _ in range(max(1, rounds)):
+        resettable &= reset_peak_rss()
+        t0 = time.perf_counter()
+        models_ = {m: {"preds": compare.cross_fitted(run.targets, run.probs[m], run.shrink,
+                                                     run.at_least_one),
+                       "probs": run.probs[m]} for m in run.names}  # fmt: skip
+        t1 = time.perf_counter()
+        compare.compare(run.targets, models_, n_boot, seed)
+        comparison.append({"cross_fitted": t1 - t0, "compare": time.perf_counter() - t1})
+        peaks["comparison"] = max(peaks.get("comparison", 0.0), peak_rss_mb())
+    resettable &= reset_peak_rss()
+    t0 = time.perf_counter()
+    steps = analysis_steps(run, n_boot, budget.COURSE_SIZES["n_test"])
+    total = time.perf_counter() - t0
+    peaks["analysis"] = peak_rss_mb()
+    fastest = min(comparison, key=lambda r: r["cross_fitted"] + r["compare"])
+    print(json.dumps({
+        "n_images": n, "n_networks": n_nets, "n_boot": n_boot, "rounds": len(comparison),
+        "comparison_seconds": fastest["cross_fitted"] + fastest["compare"],
+        "comparison_parts": fastest,
+        "comparison_round_seconds": [r["cross_fitted"] + r["compare"] for r in comparison],
+        "analysis_seconds": total, "analysis_steps": steps,
+        "baseline_rss_mb": baseline, "scores_mb": data_mb,
+        "comparison_peak_rss_mb": peaks["comparison"], "analysis_peak_rss_mb": peaks["analysis"],
+        "peak_is_own": resettable,
+    }))  # fmt: skip
+    return 0
+
+
+def bench_analysis(args) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--analysis-worker",
+           f"{args.analysis_images},{args.analysis_networks},{args.analysis_boot}",
+           "--rounds", str(args.rounds), "--seed", str(args.seed)]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1800)
+    if out.returncode != 0:
+        raise RuntimeError(f"analysis benchmark subprocess failed:\n{out.stderr[-3000:]}")
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    res["full_size"] = (res["n_images"] >= 6_500 and res["n_networks"] >= 3
+                        and res["n_boot"] >= 1_000)  # fmt: skip
     return res
 
 
@@ -753,6 +1012,27 @@ def print_table(res: dict) -> None:
                 else ""
             ),
         ]
+        ln, cs = fr["feature_line"], fr["course_size"]
+        ms = lambda v: None if v is None else v * 1000  # noqa: E731
+        minutes = lambda v: None if v is None else v / 60  # noqa: E731
+        way = lambda w: (f"{w}: {fmt(ln[w]['fixed_seconds'], 2)} s fixed + "  # noqa: E731
+                         f"{fmt(ms(ln[w]['seconds_per_image']), 2)} ms/image")  # fmt: skip
+        lines.append(
+            f"   feature pass of train + val, loaders started included (best of "
+            f"{len(ln['one pass']['round_seconds'][str(ln['sizes'][0])])} at "
+            f"{' and '.join(map(str, ln['sizes']))} images): {way('one pass')}; "
+            f"{way('two loaders')}"
+        )
+        for key in ("benchmark_epochs", "notebook_epochs"):
+            row = cs[key]
+            lines.append(
+                f"   at the course's size ({cs['n_train']:,} + {cs['n_val']:,} images, "
+                f"{row['epochs']} epochs{', the notebook' if key == 'notebook_epochs' else ''}): "
+                f"course {fmt(row['course_seconds'] / 60)} min, library "
+                f"{fmt(minutes(row['one pass']['seconds']))} min: speedup "
+                f"{fmt(row['one pass']['speedup'])}x (with two loaders "
+                f"{fmt(row['two loaders']['speedup'])}x)"
+            )
     lo = res.get("loader")
     if lo:
         c, f = lo["course"], lo["fast"]
@@ -820,6 +1100,7 @@ def print_table(res: dict) -> None:
     lines.append(f"   whole process: peak RSS {fmt(mem['process_peak_rss_mb'], 0)} MB")
     lb = res.get("labels")
     if lb:
+        rows = ", ".join(f"{k} {v:,}" for k, v in lb["loaders_rows"].items())
         written = (
             "cached" if lb["files_cached"] else "written in {:.1f} s".format(lb["write_seconds"])
         )
@@ -833,6 +1114,8 @@ def print_table(res: dict) -> None:
             f"interpreter + imports (target < {TARGETS['labels_mb']:.0f} MB)",
             f"   split {lb['n_train']:,} / {lb['n_val']:,}; {lb['classes_on_both_sides']} of "
             f"{lb['classes_with_2_plus']} classes (>= 2 images) on both sides",
+            f"   the notebook's 5 loaders on these ids ({rows}): "
+            f"{fmt(lb['loaders_seconds'], 2)} s to build",
         ]
     al = res.get("allocator")
     if al:
@@ -853,6 +1136,22 @@ def print_table(res: dict) -> None:
                 )
         lines.append("   speed-up over the default: " + ", ".join(
             f"{k} {fmt(v, 2)}x" for k, v in al["speedup"].items()))  # fmt: skip
+    an = res.get("analysis")
+    if an:
+        steps = ", ".join(f"{k} {fmt(v)}" for k, v in an["analysis_steps"].items())
+        parts = an["comparison_parts"]
+        lines += [
+            "",
+            f"8. The analysis on synthetic scores: {an['n_images']:,} validation images x 80 "
+            f"classes, {an['n_networks']} networks, {an['n_boot']:,} resamples (subprocess)",
+            f"   paired comparison (cross_fitted + compare): {fmt(an['comparison_seconds'])} s "
+            f"(best of {an['rounds']}: {fmt(parts['cross_fitted'])} + {fmt(parts['compare'])}; "
+            f"target <= 20 s); peak RSS {fmt(an['comparison_peak_rss_mb'], 0)} MB",
+            f"   the analysis notebook's computations: {fmt(an['analysis_seconds'])} s (target "
+            f"<= 180 s); peak RSS {fmt(an['analysis_peak_rss_mb'], 0)} MB, over the "
+            f"{fmt(an['baseline_rss_mb'], 0)} MB of interpreter + imports",
+            f"   seconds per step: {steps}",
+        ]
     pr = res.get("projection")
     if pr:
         r = pr["run"]
@@ -974,6 +1273,8 @@ QUICK = {
     "loader_images": 64,
     "label_files": 2000,
     "backbones": "efficientnet_lite0",
+    "analysis_images": 600,
+    "analysis_boot": 100,
 }
 DEFAULTS = {
     "epochs": 20,
@@ -982,6 +1283,8 @@ DEFAULTS = {
     "batch_size": 64,
     "img_size": 224,
     "label_files": 65_000,
+    "analysis_images": 6_500,
+    "analysis_boot": 1_000,
 }
 DEVICE_DEFAULTS = {  # cpu, cuda
     "n_images": (400, 2000),
@@ -996,7 +1299,7 @@ DEVICE_DEFAULTS = {  # cpu, cuda
         "convnext_tiny,efficientnet_v2_s,mobilenet_v3_large,efficientnet_lite0",
     ),
 }
-SECTIONS = ("frozen", "loader", "finetune", "labels", "allocator")
+SECTIONS = ("frozen", "loader", "finetune", "labels", "allocator", "analysis")
 
 
 def parse_args(argv=None):
@@ -1053,6 +1356,17 @@ def parse_args(argv=None):
     p.add_argument("--loader-images", type=int, help="images timed per loader (CPU 640, CUDA 4096)")
     p.add_argument("--label-files", type=int, help="label files of part 6 (65000; quick 2000)")
     p.add_argument(
+        "--analysis-images",
+        type=int,
+        help="validation images of part 8's synthetic scores (6500; quick 600)",
+    )
+    p.add_argument("--analysis-networks", type=int, default=3, help="networks of part 8 (3)")
+    p.add_argument(
+        "--analysis-boot",
+        type=int,
+        help="bootstrap resamples of part 8 (1000, the notebook's; quick 100)",
+    )
+    p.add_argument(
         "--sections",
         default=",".join(SECTIONS),
         help=f"parts to run, comma-separated from {','.join(SECTIONS)} "
@@ -1065,13 +1379,14 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny sizes: under a minute on a CPU")
     p.add_argument("--labels-worker", help=argparse.SUPPRESS)
+    p.add_argument("--analysis-worker", help=argparse.SUPPRESS)
     p.add_argument("--allocator-probe", choices=("default", "keep", "env"), help=argparse.SUPPRESS)
     p.add_argument("--probe-sizes", default="640,320", help=argparse.SUPPRESS)
     p.add_argument("--keep-freed-memory", default="yes", choices=("yes", "no"),
                    help="keep freed memory for reuse in this process (config.keep_freed_memory; "
                    "'no' to measure without)")  # fmt: skip
     args = p.parse_args(argv)
-    if args.labels_worker or args.allocator_probe:
+    if args.labels_worker or args.allocator_probe or args.analysis_worker:
         return args
     args.device = config.pick_device(args.device)
     cuda = args.device.type == "cuda"
@@ -1142,6 +1457,7 @@ def run(args) -> dict:
         "inference": None,
         "labels": None,
         "allocator": None,
+        "analysis": None,
         "projection": None,
     }
     memory = {}
@@ -1192,6 +1508,12 @@ def run(args) -> dict:
             memory["labels"]["subprocess_peak_rss_mb"] = res["labels"]["peak_rss_mb"]
         if "allocator" in args.sections and device.type == "cpu":
             res["allocator"] = bench_allocator(args)
+        if "analysis" in args.sections:
+            with Section("analysis", device, memory):
+                res["analysis"] = bench_analysis(args)
+            memory["analysis"]["subprocess_peak_rss_mb"] = max(
+                res["analysis"]["comparison_peak_rss_mb"], res["analysis"]["analysis_peak_rss_mb"]
+            )
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -1234,6 +1556,10 @@ def targets(res: dict, device: torch.device) -> dict:
         else None
     )
     t["labels_full_size"] = bool(lb["n_files"] >= 65_000) if lb else None
+    an = res["analysis"]
+    t["comparison_under_20s"] = bool(an["comparison_seconds"] <= 20) if an else None
+    t["analysis_under_180s"] = bool(an["analysis_seconds"] <= 180) if an else None
+    t["analysis_full_size"] = an["full_size"] if an else None
     t["finetune_library_faster"] = {k: bool(v["ratio"] > 1) for k, v in ft.items()} if ft else None
     t["inference_library_faster"] = (
         {k: bool(v["ratio"] > 1) for k, v in res["inference"].items()} if res["inference"] else None
@@ -1257,6 +1583,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.labels_worker:
         return labels_worker(args.labels_worker, 0.1, args.seed)
+    if args.analysis_worker:
+        n, nets, boot = (int(v) for v in args.analysis_worker.split(","))
+        return analysis_worker(n, nets, boot, args.rounds or 1, args.seed)
     if args.allocator_probe:
         n_features, n_train = (int(v) for v in args.probe_sizes.split(","))
         return allocator_probe(args.allocator_probe, args.img_size or 224, n_features, n_train,

@@ -48,6 +48,7 @@ def test_quick_run_prints_table_then_one_json_line_with_every_figure(tmp_path):
         "4. Inference",
         "5. Peak memory",
         "6. Dataset + split",
+        "8. The analysis",
         "Targets",
     ):
         assert header in table
@@ -63,6 +64,7 @@ def test_quick_run_prints_table_then_one_json_line_with_every_figure(tmp_path):
         "inference",
         "memory",
         "labels",
+        "analysis",
         "projection",
         "targets",
         "notes",
@@ -84,6 +86,13 @@ def test_quick_run_prints_table_then_one_json_line_with_every_figure(tmp_path):
     # same head, same batches, same dropout masks: only the fp16 cache separates the two
     assert fr["mAP_diff"] < 0.01
     assert fr["n_train"] + fr["n_val"] == res["settings"]["n_images"] + res["settings"]["n_val"]
+    line = fr["feature_line"]  # the feature pass at two sizes, one pass and two loaders
+    assert line["sizes"][0] < line["sizes"][1] == fr["n_train"] + fr["n_val"]
+    for way in ("one pass", "two loaders"):
+        assert all(_finite_positive(v) for v in line[way]["seconds"])
+    for key in ("benchmark_epochs", "notebook_epochs"):
+        assert _finite_positive(fr["course_size"][key]["course_seconds"])
+    assert fr["course_size"]["notebook_epochs"]["epochs"] == benchmark.REAL_RUN["epochs_frozen"]
 
     lo = res["loader"]
     for side in ("course", "fast"):
@@ -119,6 +128,17 @@ def test_quick_run_prints_table_then_one_json_line_with_every_figure(tmp_path):
         assert _finite_positive(lb[key]), key
     assert lb["peak_rss_mb"] >= lb["baseline_rss_mb"] * 0.9
     assert lb["classes_on_both_sides"] == lb["classes_with_2_plus"]
+    assert _finite_positive(lb["loaders_seconds"])  # the notebook's loaders on those ids
+    assert lb["loaders_rows"]["train"] == lb["n_train"] and lb["loaders_rows"]["val"] == lb["n_val"]
+
+    an = res["analysis"]
+    assert (an["n_images"], an["n_networks"], an["n_boot"]) == (600, 3, 100)
+    for key in ("comparison_seconds", "analysis_seconds", "comparison_peak_rss_mb",
+                "analysis_peak_rss_mb"):  # fmt: skip
+        assert _finite_positive(an[key]), key
+    assert {"study", "frozen_against_finetuned", "threshold_steps", "expected_course_f1"} <= set(
+        an["analysis_steps"]
+    )
 
     t = res["targets"]
     for key in (
@@ -127,6 +147,9 @@ def test_quick_run_prints_table_then_one_json_line_with_every_figure(tmp_path):
         "labels_under_15s",
         "labels_under_200MB",
         "labels_full_size",
+        "comparison_under_20s",
+        "analysis_under_180s",
+        "analysis_full_size",
         "finetune_library_faster",
         "inference_library_faster",
         "gpu_finetune_at_least_2x",
@@ -134,6 +157,7 @@ def test_quick_run_prints_table_then_one_json_line_with_every_figure(tmp_path):
     ):
         assert key in t, key
     assert t["frozen_mAP_within_0.01"] is True and t["labels_full_size"] is False
+    assert t["analysis_full_size"] is False
     assert t["gpu_finetune_at_least_2x"] is None and t["gpu_loader_not_bottleneck"] is None
     assert set(t["finetune_library_faster"]) == set(names)
 
@@ -200,3 +224,18 @@ def test_projection_uses_the_slower_of_compute_and_loader():
     assert np.isclose(per["fast_hours"], expected)
     assert per["course_hours"] > per["fast_hours"]
     assert pr["complete"] is False and pr["fast_hours"] is None
+
+
+def test_synthetic_run_is_long_tailed_and_paired():
+    """Part 8's scores: COCO's imbalance (person in about half the images, rare classes in a
+    few), better networks score better, and all share what makes an image hard."""
+    from cocochallenge import metrics
+
+    run = benchmark.synthetic_run(2000, 3, seed=0)
+    y = run.targets
+    share = y.mean(0)
+    assert 0.4 < share[0] < 0.6 and (y.sum(0) < 15).sum() >= 5 and 2 < y.sum(1).mean() < 3.5
+    maps = [metrics.mean_average_precision(y, run.val[m]["probs"]) for m in run.names]
+    assert maps == sorted(maps) and set(run.models) == {*run.names, "ensemble"}
+    a, b = (run.val[m]["probs"][y == 0] for m in run.names[:2])  # the same hard negatives
+    assert np.corrcoef(a, b)[0, 1] > 0.2
