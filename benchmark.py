@@ -1,6 +1,6 @@
 """Speed and memory benchmark of the library against the course's way.
 
-    python benchmark.py                     # default: ~4 min on an idle 2-core CPU, ~10 when busy
+    python benchmark.py                     # default: ~5 min on an idle 2-core CPU, ~10 when busy
     python benchmark.py --quick             # tiny sizes, under a minute (tests/test_benchmark.py)
     python benchmark.py --course-epochs 3   # time 3 course epochs of 20, extrapolate (busy machine)
     python benchmark.py --device cuda       # on a GPU: adds convnext_tiny and efficientnet_v2_s
