@@ -792,7 +792,7 @@ def synthetic_run(n: int, n_nets: int = 3, seed: int = 0):
 
     names = [f"net{i}" for i in range(n_nets)]
     run = SimpleNamespace(targets=Y, stems=[f"{i:012d}" for i in range(n)], names=names,
-                          shrink=10.0, at_least_one=True, tta=True, seed_probs={})  # fmt: skip
+                          shrink=10.0, at_least_one=True, tta=True)  # fmt: skip
     run.val = {m: {"probs": scores(1.4 + 0.2 * i), "targets": Y} for i, m in enumerate(names)}
     for m in names:
         run.val[m]["probs_tta"] = np.clip(run.val[m]["probs"] + scores(0.1) * 0.1, 0, 1)
@@ -801,6 +801,9 @@ def synthetic_run(n: int, n_nets: int = 3, seed: int = 0):
         run.probs["ensemble"] = np.mean([run.probs[m] for m in names], axis=0)
     run.models = list(run.probs)
     run.frozen_probs = {m: scores(1.2 + 0.2 * i) for i, m in enumerate(names)}
+    seeds = range(1, config.OPTIONS.get("seeds", 3))  # the frozen heads of the other seeds
+    run.seed_probs = {m: {0: run.frozen_probs[m], **{k: scores(1.2 + 0.2 * i) for k in seeds}}
+                      for i, m in enumerate(names)}  # fmt: skip
     run.baselines = {m: {"probs": scores(0.9 + 0.2 * i)} for i, m in enumerate(names)}
     run.baseline = run.baselines[names[0]]
     run.results = {m: {"parameters": 4_000_000, "train_seconds": 600.0, "best_phase": "finetune",
@@ -812,7 +815,8 @@ def synthetic_run(n: int, n_nets: int = 3, seed: int = 0):
 
 
 def analysis_steps(run, n_boot: int, n_test: int) -> dict:
-    """The analysis notebook's computations as it calls them, in its order, and the challenge
+    """The analysis notebook's computations as it calls them, in its order (not its figures,
+    nor the photos and Grad-CAM maps, which need a run folder's images), and the challenge
     notebook's expected test F1: ``{step: seconds}``."""
     from cocochallenge import analysis, compare
 
@@ -825,7 +829,9 @@ def analysis_steps(run, n_boot: int, n_test: int) -> dict:
         return out
 
     y = run.targets
+    timed("class_weights", lambda: analysis.class_weights(y))
     timed("study", lambda: analysis.study(run, n_boot))
+    timed("seed_table", lambda: analysis.seed_table(run, n_boot))
     timed("frozen_against_finetuned", lambda: analysis.frozen_against_finetuned(run, n_boot))
     pairs = [(a, b) for i, a in enumerate(run.names) for b in run.names[i + 1 :]]
     timed("class_wins", lambda: [compare.class_wins(y, run.probs[a], run.probs[b], n=4)
@@ -839,8 +845,10 @@ def analysis_steps(run, n_boot: int, n_test: int) -> dict:
     base = run.names[-1]
     timed("threshold_steps", lambda: analysis.threshold_steps(
         y, run.val[base]["probs"], run.val[base]["probs_tta"], run.probs.get("ensemble"),
-        run.shrink))  # fmt: skip
-    timed("cooccurrence", lambda: [analysis.cooccurrence(m) for m in (y, y, y)])
+        run.shrink, n_boot=n_boot))  # fmt: skip
+    pred = metrics.apply_thresholds(run.probs[base], run.thresholds[base], run.at_least_one)
+    timed("cooccurrence", lambda: [analysis.cooccurrence(m) for m in (y, y, pred)])
+    timed("confusions", lambda: analysis.confusions(y, pred, analysis.cooccurrence(y)))
     last = run.models[-1]
     timed("expected_course_f1", lambda: compare.expected_course_f1(y, run.probs[last], n_test))
     return seconds
