@@ -65,7 +65,7 @@ def test_epoch_line_shows_the_average_only_when_there_is_one():
     plain = checkpoints.epoch_line(
         checkpoints.epoch_row("frozen", 0, 0, 1.0, train, val), 12, False
     )
-    assert "EMA 0.4500" in with_ema and len(with_ema) <= 90 and "EMA" not in plain
+    assert "EMA 0.450 " in with_ema and len(with_ema) <= 90 and "EMA" not in plain
 
 
 def test_every_backbone_has_a_reference_rate_and_more_epochs_cost_more():
