@@ -23,7 +23,7 @@ from torch.utils.data import (
 )
 
 from .config import progress
-from .files import StaleRunError, differences, torch_save_atomic
+from .files import StaleRunError, differences, load_torch, torch_save_atomic
 
 
 def autocast(device: torch.device, dtype):
@@ -227,7 +227,7 @@ def cached_features(
 
 def _load_features(path: Path, key: dict) -> torch.Tensor:
     """The saved features at ``path``, refused (StaleRunError) when saved under another key."""
-    saved = torch.load(path, map_location="cpu", weights_only=False)
+    saved = load_torch(path, weights_only=False)  # a damaged cache is named, with what to do
     diffs = differences(saved.get("key", {}), key)
     if diffs:
         raise StaleRunError(
