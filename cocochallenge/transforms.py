@@ -5,6 +5,22 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader
 
+from .config import release_freed_memory
+
+
+class _Loader(DataLoader):
+    """A DataLoader that hands the memory glibc keeps back before it forks its workers.
+
+    On a CPU the workers are started anew for every pass (each epoch, each validation), and
+    each page of the large process they share is copied at its next write: on the real-photo
+    run (three networks, 2 workers) the system time then exceeded the computation's.
+    """
+
+    def __iter__(self):
+        if self.num_workers > 0 and (self._iterator is None or not self.persistent_workers):
+            release_freed_memory()
+        return super().__iter__()
+
 
 def build_transform(
     preprocess: dict,
@@ -78,4 +94,4 @@ def make_loader(
             persistent_workers=dev.type == "cuda" if persistent is None else persistent,
             prefetch_factor=4,
         )
-    return DataLoader(dataset, **kwargs)
+    return _Loader(dataset, **kwargs)

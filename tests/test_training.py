@@ -274,3 +274,22 @@ def test_feature_parts_fill_each_part_across_batches_and_an_empty_part():
     short = DataLoader(Short(x, torch.zeros(9)), batch_size=4, sampler=range(9))
     with pytest.raises(ValueError, match="fewer rows"):
         training.extract_features(_Recorder(), short, "cpu", show_progress=False)
+
+
+def test_the_notebooks_loaders_release_kept_memory_before_each_fork(monkeypatch):
+    """make_loader's loaders fork their workers at every pass on a CPU (each epoch, each
+    validation): the kept memory is handed back before each fork, never without workers, and
+    once for persistent workers (the GPU's), which fork once."""
+    from torch.utils.data import TensorDataset
+
+    from cocochallenge import transforms
+
+    calls = []
+    monkeypatch.setattr(transforms, "release_freed_memory", lambda: calls.append(1))
+    ds = TensorDataset(torch.zeros(4, 2), torch.zeros(4))
+    for workers, persistent, expected in ((0, None, 0), (1, None, 2), (1, True, 1)):
+        calls.clear()
+        loader = transforms.make_loader(ds, 2, False, "cpu", workers, persistent=persistent)
+        for _ in range(2):
+            assert sum(len(x) for x, _ in loader) == 4
+        assert len(calls) == expected, (workers, persistent, calls)
