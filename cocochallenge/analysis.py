@@ -544,26 +544,47 @@ def class_weights(Y: np.ndarray) -> pd.DataFrame:
     return table
 
 
+#: Classes that look alike in COCO photos: a false positive of one where another of its group is
+#: present reads as a confusion of look, not of context.
+LOOK_ALIKE = {
+    "vehicles": ("bicycle", "car", "motorcycle", "bus", "train", "truck"),
+    "cutlery": ("fork", "knife", "spoon"),
+    "drinks": ("bottle", "wine glass", "cup", "vase"),
+    "seats": ("bench", "chair", "couch", "bed"),
+    "animals": ("bird", "cat", "dog", "horse", "sheep", "cow", "bear"),
+    "food": ("sandwich", "hot dog", "pizza", "donut", "cake"),
+    "screens": ("tv", "laptop", "cell phone", "remote", "keyboard"),
+}
+
+
 def confusions(targets: np.ndarray, pred: np.ndarray, P_train: np.ndarray | None = None,
-               n: int = 12) -> pd.DataFrame:  # fmt: skip
+               n: int = 12, exclude: tuple = ("person",)) -> pd.DataFrame:  # fmt: skip
     """The commonest false positives explained by another class in the image: for each pair,
     the validation images where ``predicted`` was predicted but is absent while ``present``
-    is there, and how often the two come together in the training labels (``P_train``,
-    :func:`cooccurrence`): a look-alike (car/truck) or a context (fork with knife)."""
+    is there, its share of that class's false positives, how often the two come together in
+    the training labels (``P_train``, :func:`cooccurrence`), and the look-alike group the two
+    share (:data:`LOOK_ALIKE`), if any: a look (car for truck) or a context (fork beside
+    knife). ``exclude``: classes not counted as ``present`` (person is in half the images:
+    every false positive would "come with" it).
+    """
     y, p = np.asarray(targets).astype(bool), np.asarray(pred).astype(bool)
     fp = (p & ~y).astype(np.int64)
     counts = fp.T @ y.astype(np.int64)  # [a, b]: images with a predicted wrongly and b present
     np.fill_diagonal(counts, 0)
+    counts[:, [CLASSES.index(c) for c in exclude]] = 0
+    group = {c: g for g, members in LOOK_ALIKE.items() for c in members}
     order = np.argsort(-counts, axis=None, kind="stable")[:n]
     rows = []
     for a, b in zip(*np.unravel_index(order, counts.shape)):
         if counts[a, b] == 0:
             break
+        same = group.get(CLASSES[a]) if group.get(CLASSES[a]) == group.get(CLASSES[b]) else ""
         rows.append({"predicted (absent)": CLASSES[a], "present": CLASSES[b],
                      "images": int(counts[a, b]),
                      "share of its false positives": counts[a, b] / max(fp[:, a].sum(), 1),
                      "P(predicted | present), training":
-                         np.nan if P_train is None else float(P_train[b, a])})  # fmt: skip
+                         np.nan if P_train is None else float(P_train[b, a]),
+                     "look-alike group": same or ""})  # fmt: skip
     return pd.DataFrame(rows)
 
 

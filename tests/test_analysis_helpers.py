@@ -367,16 +367,15 @@ def test_class_weights_confusions_and_the_test_against_its_range():
     assert w["weight"].tolist() == pytest.approx([1 / 1.6, 0.5 / 1.6, 0.1 / 1.6])
     pred = Y.astype(bool).copy()
     pred[1:4, 7] = True  # truck predicted on images 1..3: two have a car, all have a person
-    table = analysis.confusions(Y, pred, analysis.cooccurrence(Y))
-    first = table.iloc[0]
-    assert (first["predicted (absent)"], first["present"], first["images"]) == (
-        "truck",
-        "person",
-        3,
-    )
-    car = table[(table["predicted (absent)"] == "truck") & (table["present"] == "car")].iloc[0]
+    every = analysis.confusions(Y, pred, analysis.cooccurrence(Y), exclude=())
+    first = every.iloc[0]
+    assert list(first[["predicted (absent)", "present", "images"]]) == ["truck", "person", 3]
+    table = analysis.confusions(Y, pred, analysis.cooccurrence(Y))  # person, everywhere: left out
+    assert len(table) == 1 and table.iloc[0]["present"] == "car"
+    car = table.iloc[0]
     assert car["images"] == 1 and car["share of its false positives"] == pytest.approx(1 / 3)
     assert car["P(predicted | present), training"] == pytest.approx(0.5)
+    assert car["look-alike group"] == "vehicles" and first["look-alike group"] == ""
     summary = {"test_scores": {"course_f1": 0.42, "n_images": 32},
                "expected_course_f1": {"expected": 0.5, "p10": 0.44, "p90": 0.6}}  # fmt: skip
     assert analysis.test_against_expected(summary)["where"].item() == "below"
