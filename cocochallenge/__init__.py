@@ -23,7 +23,7 @@ fails here with the install command, instead of a ``ModuleNotFoundError`` deep i
 import importlib.util as _util
 import sys as _sys
 
-__version__ = "0.2.0"
+__version__ = "0.4.0"
 
 #: The README's install command: on the hub, under the home folder (``--user``, what survives a
 #: restart), beside the hub's own torch (pinned). tests/test_install.py runs it.

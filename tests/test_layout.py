@@ -409,3 +409,13 @@ def test_saved_notebooks_keep_the_printed_lines_not_the_progress_bar_frames():
     texts = [o.get("text") for o in cell.outputs]
     assert texts == ["\nlite0: new\n  frozen 1/2  loss 0.1\n", None, "after\n"]
     assert run._overprint("abcdef\rxy") == "xycdef"  # a shorter write leaves the rest
+
+
+def test_the_package_and_pyproject_say_the_same_version():
+    """Each run folder records cocochallenge.__version__: it must be the version pip installs."""
+    import re
+
+    import cocochallenge
+
+    declared = re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M)
+    assert declared and declared.group(1) == cocochallenge.__version__
