@@ -3,7 +3,7 @@
     python benchmark.py                     # default: ~5 min on an idle 2-core CPU, ~10 when busy
     python benchmark.py --quick             # tiny sizes, under a minute (tests/test_benchmark.py)
     python benchmark.py --course-epochs 3   # time 3 course epochs of 20, extrapolate (busy machine)
-    python benchmark.py --device cuda       # on a GPU: adds convnext_tiny and efficientnet_v2_s
+    python benchmark.py --device cuda       # on a GPU: adds maxvit_t and convnext_tiny_in22k
     python benchmark.py --data-dir data/bench --json runs/benchmark.json   # keep data, save JSON
 
 On generated challenge-layout data (``cocochallenge.demo``), on the current device, it
@@ -85,12 +85,12 @@ IMAGENET = models.preprocess_for("resnet50")  # ImageNet's mean and std, as torc
 
 #: The notebook's default real run (parameters cell of challenge.ipynb), for the projection.
 REAL_RUN = {
-    "backbones": ["convnext_tiny", "efficientnet_v2_s", "mobilenet_v3_large"],
+    "backbones": ["maxvit_t", "convnext_tiny_in22k", "regnet_y_16gf_swag"],
     "epochs_frozen": 6,
     "epochs_finetune": 8,
     **budget.COURSE_SIZES,
 }
-GPU_TARGET_BACKBONES = ("convnext_tiny", "efficientnet_v2_s")
+GPU_TARGET_BACKBONES = ("maxvit_t", "convnext_tiny_in22k")  # the defaults that fine-tune
 TARGETS = {
     "frozen_speedup": 10.0,
     "frozen_map_diff": 0.01,
@@ -934,17 +934,18 @@ def project(finetune: dict, inference: dict, loader: dict | None) -> dict:
             min(ft["course_images_per_s"], cap_course),
         )
         c_frozen_step = min(inf["course_images_per_s"], cap_course)  # frozen backbone: forward only
+        epochs = 0 if name in config.OPTIONS["frozen_only"] else r["epochs_finetune"]
         fast_s = budget.run_seconds(
             {"train": fast_ft, "forward": fast_inf, "tta": fast_tta},
             r["n_train"],
             r["n_val"],
             r["n_test"],
-            r["epochs_finetune"],
+            epochs,
             ema=False,
         )
         course_s = (
             r["epochs_frozen"] * (r["n_train"] / c_frozen_step + r["n_val"] / c_inf)
-            + r["epochs_finetune"] * (r["n_train"] / c_ft + r["n_val"] / c_inf)
+            + epochs * (r["n_train"] / c_ft + r["n_val"] / c_inf)
             + (r["n_val"] + r["n_test"]) / c_inf
         )
         per[name] = {
@@ -1304,7 +1305,7 @@ DEVICE_DEFAULTS = {  # cpu, cuda
     "loader_images": (640, 4096),
     "backbones": (
         "efficientnet_lite0,mobilenet_v3_large",
-        "convnext_tiny,efficientnet_v2_s,mobilenet_v3_large,efficientnet_lite0",
+        "maxvit_t,convnext_tiny_in22k,mobilenet_v3_large,efficientnet_lite0",
     ),
 }
 SECTIONS = ("frozen", "loader", "finetune", "labels", "allocator", "analysis")
@@ -1348,7 +1349,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--backbones",
         help="comma-separated registry names "
-        "(CPU: efficientnet_lite0,mobilenet_v3_large; CUDA: adds convnext_tiny, efficientnet_v2_s)",
+        "(CPU: efficientnet_lite0,mobilenet_v3_large; CUDA: adds maxvit_t, convnext_tiny_in22k)",
     )
     p.add_argument(
         "--ft-batch-size", type=int, help="fine-tuning/inference batch (CPU 16, CUDA 64)"
