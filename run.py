@@ -116,7 +116,7 @@ def tidy_outputs(nb) -> None:
     """Each cell's printed text as a terminal shows it: consecutive stream outputs joined, and
     progress bars (redrawn with carriage returns, cleared when done) resolved to what is left on
     screen, so a saved notebook holds the epoch lines, not thousands of bar frames."""
-    for cell in nb.cells:
+    for cell in [c for c in nb.cells if c.cell_type == "code"]:
         merged = []
         for out in cell.get("outputs", []):
             same = merged and out.get("output_type") == "stream" == merged[-1].get("output_type")
