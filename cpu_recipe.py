@@ -252,7 +252,7 @@ def run(
     val = {n: runs.load_scores(run_dir, n, "val") for n in names}
     runs.same_images(val)
     scores = {n: {"val": val[n]["probs"], "test": runs.load_scores(run_dir, n, "test")["probs"],
-                  "oof": np.load(run_dir / "models" / n / "train_oof.npz")["probs"]}
+                  "oof": files.load_npz(run_dir / "models" / n / "train_oof.npz")["probs"]}
               for n in names}  # fmt: skip
     if len(names) > 1:
         scores["ensemble"] = {

@@ -250,7 +250,7 @@ def threshold_steps(
     F1, the definition used everywhere in the notebooks. ``gain`` is each step minus the one
     before, with its 90% interval from the same paired bootstrap resamples of the images.
     """
-    from .compare import LEVEL, Z, resamples, scores
+    from .compare import Z, resamples, scores
 
     y = np.asarray(targets).astype(bool)
     held = lambda p, k, top1: cross_fitted(y, p, k, top1, seed=seed)  # noqa: E731
@@ -282,9 +282,7 @@ def threshold_steps(
             row.update({"gain": gain, "gain lo": gain - half, "gain hi": gain + half})
         rows.append(row)
         previous = (row["held-out course F1"], draws)
-    table = pd.DataFrame(rows).set_index("step")
-    table.attrs["level"] = LEVEL
-    return table
+    return pd.DataFrame(rows).set_index("step")
 
 
 def pick_classes(support, n: int = 4) -> dict:
