@@ -141,11 +141,19 @@ def _overprint(line: str) -> str:
 
 def without_injected_cell(path: Path) -> None:
     """Remove papermill's injected-parameters cell: in a committed notebook it would sit under
-    the parameters cell and override a student's edit of it."""
+    the parameters cell and override a student's edit of it. The execution counts are then
+    numbered again, so that the notebook reads as the one run top to bottom it was (1..n: the
+    hand-in's check), not with the removed cell's number missing."""
     import nbformat
 
     nb = nbformat.read(path, as_version=4)
     nb.cells = [c for c in nb.cells if "injected-parameters" not in c.metadata.get("tags", [])]
+    ran = [c for c in nb.cells if c.cell_type == "code" and c.execution_count is not None]
+    for count, cell in enumerate(ran, 1):
+        cell.execution_count = count
+        for out in cell.outputs:
+            if out.get("output_type") == "execute_result":
+                out["execution_count"] = count
     nbformat.write(nb, path)
 
 

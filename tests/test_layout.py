@@ -351,16 +351,27 @@ def test_committed_notebooks_hold_no_injected_parameters(name):
     cells = json.loads((ROOT / name).read_text())["cells"]
     tags = [t for c in cells for t in c.get("metadata", {}).get("tags", [])]
     assert "injected-parameters" not in tags and tags.count("parameters") == 1
+    counts = [c["execution_count"] for c in cells if c["cell_type"] == "code"]
+    ran = [n for n in counts if n is not None]
+    assert ran == list(range(1, len(ran) + 1)), counts  # one run, top to bottom
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell("A = 1", metadata={"tags": ["parameters"]}),
                 nbformat.v4.new_code_cell("# Parameters\nA = 2",
-                                          metadata={"tags": ["injected-parameters"]})]  # fmt: skip
+                                          metadata={"tags": ["injected-parameters"]}),
+                nbformat.v4.new_code_cell("A")]  # fmt: skip
+    for count, cell in enumerate(nb.cells, 1):
+        cell.execution_count = count
+    nb.cells[2].outputs = [nbformat.v4.new_output("execute_result", {"text/plain": "1"},
+                                                  execution_count=3)]  # fmt: skip
     path = ROOT / "runs" / "_injected_test.ipynb"
     path.parent.mkdir(exist_ok=True)
     try:
         nbformat.write(nb, path)
         run.without_injected_cell(path)
-        assert [c.source for c in nbformat.read(path, as_version=4).cells] == ["A = 1"]
+        cells = nbformat.read(path, as_version=4).cells
+        assert [c.source for c in cells] == ["A = 1", "A"]
+        assert [c.execution_count for c in cells] == [1, 2]  # the hand-in's 1..n
+        assert cells[1].outputs[0]["execution_count"] == 2
     finally:
         path.unlink(missing_ok=True)
 
