@@ -148,7 +148,7 @@ def run(
     names = [member_name(*m) for m in members]
     # the library's options (COCO_OPTIONS may change them); the arguments are the parameters, and
     # no COCO_<NAME> variable overrides them (the tests set those for the notebooks)
-    cfg, _ = config.settings({"OPTIONS": {"tta": False}})
+    cfg, _ = config.settings({"OPTIONS": {}})
     cfg.update(data_root=str(data_root), run_dir=str(run_dir), backbones=names, seed=seed,
                val_fraction=val_fraction, batch_size=batch_size, C=C,
                recipe="offline CPU recipe (cocochallenge.cpu_recipe)")  # fmt: skip
@@ -262,7 +262,7 @@ def run(
     top1, rows, saved = cfg["at_least_one"], {}, {}
     for m, s in scores.items():
         g, t = thresholds_for(y_oof, s["oof"], cfg["shrink"])
-        saved[m] = {"global": g, "per_class": t.tolist(), "tta": False, "at_least_one": top1,
+        saved[m] = {"global": g, "per_class": t.tolist(), "view": "plain", "at_least_one": top1,
                     "shrink": cfg["shrink"], "source": "out-of-fold training scores"}  # fmt: skip
         pred = metrics.apply_thresholds(s["val"], t, top1)
         rows[m] = {"course F1, out-of-fold thresholds": metrics.course_f1(y_val, pred)["f1"],

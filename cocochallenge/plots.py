@@ -38,7 +38,7 @@ def plot_history(run_dir: Path | str, names: list[str], save: bool = True):
         hist = [r for r in hist if "train_loss" in r]  # a head fitted in one go has no epochs
         color = f"C{i}"
         for phase, marker in (("frozen", "o"), ("finetune", "s")):
-            rows = [r for r in hist if r["phase"] == phase]
+            rows = [r for r in hist if r["phase"].startswith(phase)]  # frozen_<head>
             if not rows:
                 continue
             drawn = True
@@ -76,6 +76,21 @@ def save_figure(fig, run_dir: Path | str, name: str, dpi: int = 110, fmt: str = 
     extra = {"pil_kwargs": {"quality": 80}} if fmt == "jpg" else {}
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight", **extra)
+    return path
+
+
+def show(fig, run_dir: Path | str, name: str, fmt: str = "png") -> Path:
+    """Save ``fig`` under the run folder (:func:`save_figure`) and show it in the notebook;
+    a figure of photos as the light JPEG it was saved as."""
+    import matplotlib.pyplot as plt
+    from IPython.display import Image, display
+
+    path = save_figure(fig, run_dir, name, fmt=fmt)
+    if fmt == "jpg":
+        plt.close(fig)
+        display(Image(filename=str(path)))
+    else:
+        plt.show()
     return path
 
 
@@ -445,32 +460,26 @@ def plot_cooccurrence(matrices: dict, classes=None):
 
 
 def plot_label_counts(table: pd.DataFrame, cap: int = 10):
-    """The :func:`label_count_table` as a heatmap: on the diagonal the count is right,
-    above it the model predicts too many labels, below it too few."""
+    """The :func:`label_count_table` as a heatmap, true labels across, predicted labels up: on
+    the diagonal the count is right, above it the model predicts more labels than the image
+    has, below it fewer."""
     import matplotlib.pyplot as plt
 
-    v = table.to_numpy()
+    v = table.to_numpy().T  # rows: predicted labels, columns: true labels
     fig, ax = plt.subplots(figsize=(0.5 * v.shape[1] + 2.5, 0.45 * v.shape[0] + 1.8))
     ax.imshow(v, cmap="Blues", origin="lower", aspect="auto")
     for (i, j), n in np.ndenumerate(v):
         if n:
-            ax.text(
-                j,
-                i,
-                str(n),
-                ha="center",
-                va="center",
-                fontsize=7,
-                color="white" if n > v.max() / 2 else "black",
-            )
+            color = "white" if n > v.max() / 2 else "black"
+            ax.text(j, i, str(n), ha="center", va="center", fontsize=7, color=color)
     m = min(v.shape) - 1
     ax.plot([-0.5, m + 0.5], [-0.5, m + 0.5], color="red", lw=0.8, ls="--")
     lab = lambda vals: [f"{x}+" if x == cap else str(x) for x in vals]  # noqa: E731
-    ax.set_xticks(range(v.shape[1]), lab(table.columns))
-    ax.set_yticks(range(v.shape[0]), lab(table.index))
-    ax.set_xlabel("predicted labels per image")
-    ax.set_ylabel("true labels per image")
-    ax.set_title("images by number of true and predicted labels (dashed: equal)")
+    ax.set_xticks(range(v.shape[1]), lab(table.index))
+    ax.set_yticks(range(v.shape[0]), lab(table.columns))
+    ax.set_xlabel("true labels per image")
+    ax.set_ylabel("predicted labels per image")
+    ax.set_title("images by true and predicted labels (above the dashed line: too many predicted)")
     fig.tight_layout()
     return fig
 

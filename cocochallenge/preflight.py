@@ -16,13 +16,16 @@ The course's blocks (its datasets and ``train_loop``) are handed in as ``course`
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 
 import numpy as np
+import pandas as pd
 import torch
 
 from . import budget, config, data, models, training, transforms
+from .files import SaysWhatToDo
 
 #: batches per measured rate, and the whole pre-flight's time limit
 BATCHES = 30
@@ -149,7 +152,7 @@ def advice(measured: dict, sizes: dict, cfg: dict, hours_left: float) -> list[st
     """What to cut when the run does not fit ``hours_left``: sentences, each with the hours it
     would then take (the same formula, the same measured rates)."""
     epochs, frozen = cfg["epochs_finetune"], list(cfg["frozen_only"])
-    base = dict(epochs_finetune=epochs, frozen_only=frozen, tta=cfg["tta"], ema=cfg["ema"])
+    base = dict(epochs_finetune=epochs, frozen_only=frozen, ema=cfg["ema"])
     total = lambda **kw: sum(hours_of(measured, sizes, **{**base, **kw}).values())  # noqa: E731
     hours = hours_of(measured, sizes, **base)
     out = []
@@ -195,7 +198,7 @@ def advice(measured: dict, sizes: dict, cfg: dict, hours_left: float) -> list[st
         )
     for n, m in measured.items():
         r = m["rates"]
-        if "train" in r and r["loader"] < 1.25 * r["train"]:
+        if "train" in r and "loader" in r and r["loader"] < 1.25 * r["train"]:
             out.append(
                 f"{n}'s training is paced by the loader ({r['loader']:.0f} images/s alone, "
                 f"{r['train']:.0f} training): more loader workers (OPTIONS workers, at most the "
@@ -284,7 +287,7 @@ def report(measured: dict, sizes: dict, cfg: dict, hours_left: float, log=print)
     """Print the measured rates, the hours of the configured run against ``hours_left`` and,
     when it does not fit, :func:`advice`. Returns the numbers it printed."""
     epochs, frozen = cfg["epochs_finetune"], cfg["frozen_only"]
-    hours = hours_of(measured, sizes, epochs, frozen, cfg["tta"], cfg["ema"])
+    hours = hours_of(measured, sizes, epochs, frozen, ema=cfg["ema"])
     log(f"measured images/s ({cfg['batches']} batches at most per rate, the first not counted),"
         " and the hours of the run at those rates:")  # fmt: skip
     log(f"{'backbone':26}{'px':>5}{'loader':>9}{'train':>9}{'forward':>9}{'GB':>6}"
@@ -348,3 +351,110 @@ def run(
     out = report(measured, sizes, cfg, hours_left, log)
     log(f"(the pre-flight took {time.perf_counter() - t0:.0f} s)")
     return {"measured": measured, "sizes": sizes, **out}
+
+
+# ---- The notebook's plan: the run's hours on this device, before anything trains ---------------
+class RunTooLong(SaysWhatToDo, RuntimeError):
+    """The configured run would take longer here than the ``max_hours`` option allows."""
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_speed(probe: str = "efficientnet_lite0", batch: int = 8) -> float:
+    """This CPU against the reference GPU: ``probe``'s forward images/s here (random weights,
+    two timed batches after a warm-up one) over its reference forward rate."""
+    model, pre = models.build_model(probe, pretrained=False)
+    model = model.eval().to(memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, pre["size"], pre["size"]).to(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        model(x)
+        t0 = time.perf_counter()
+        model(x)
+        model(x)
+        rate = 2 * batch / (time.perf_counter() - t0)
+    return rate / (budget.FORWARD_SPEEDUP * budget.REFERENCE_TRAIN_IPS[probe][0])
+
+
+def rates_here(names, cfg: dict, device, speed: float | None = None) -> dict:
+    """``{backbone: {"rates", "size"}}`` on ``device``: the reference GPU rates of
+    :mod:`budget` on CUDA; on a CPU the same rates scaled by :func:`_cpu_speed` (``speed``)."""
+    out = {}
+    for name in names:
+        size = models.preprocess_for(name, cfg["img_size"])["size"]
+        rates = budget.reference_rates(name, size, cfg["workers"] or 1)
+        if device.type != "cuda":
+            speed = _cpu_speed() if speed is None else speed
+            train = budget.REFERENCE_TRAIN_IPS[name][0] * (budget.REFERENCE_TRAIN_IPS[name][1]
+                                                           / size) ** 2 * speed  # fmt: skip
+            rates = {"train": train, "forward": budget.FORWARD_SPEEDUP * train}
+        out[name] = {"rates": rates, "size": size}
+    return out
+
+
+def plan(names, cfg: dict, device, sizes: dict, speed: float | None = None) -> pd.DataFrame:
+    """The configured run's hours on ``device``, per backbone (a table): its input size, the
+    fine-tuning epochs it runs, its hours, and where its rates come from."""
+    here = rates_here(names, cfg, device, speed)
+    hours = hours_of(here, sizes, cfg["epochs_finetune"], cfg["frozen_only"])
+    cuda = device.type == "cuda"
+    source = "reference GPU rates" if cuda else "EfficientNet-Lite0 timed on this CPU, scaled"
+    return pd.DataFrame({
+        "px": {n: m["size"] for n, m in here.items()},
+        "fine-tuning epochs": {n: budget.finetune_epochs(n, cfg["epochs_finetune"],
+                                                         cfg["frozen_only"]) for n in names},
+        "hours": hours,
+        "rates from": {n: source for n in names},
+    })  # fmt: skip
+
+
+def check(table: pd.DataFrame, cfg: dict, device, sizes: dict) -> str:
+    """Go, or stop before anything trains with what to paste into the parameters cell.
+
+    Stops (:class:`RunTooLong`) when the run's hours exceed the ``max_hours`` option: on a CPU
+    with the CPU settings (``config.CPU_SETTINGS``, and ``max_images`` when even they do not fit
+    these images), on a GPU with what to cut. Then every backbone's weights are fetched (once,
+    into their cache): weights that cannot be had stop the run too
+    (:class:`models.WeightsUnavailable`), on a CPU again with the CPU settings.
+    """
+    total, limit = float(table["hours"].sum()), float(cfg["max_hours"])
+    cpu = device.type != "cuda"
+    where = "this CPU" if cpu else "this GPU"
+    if total > limit:
+        how = table["rates from"].iloc[0]
+        head = (f"The configured run needs about {total:.1f} h on {where} ({how}), over the "
+                f"{limit:g} h of the max_hours option.")  # fmt: skip
+        if cpu:
+            raise RunTooLong(f"{head}\n{_cpu_advice(cfg, sizes, limit)}")
+        tips = "\n".join(f"- {t}" for t in advice(
+            {n: {"rates": rates_here([n], cfg, device)[n]["rates"], "size": r["px"]}
+             for n, r in table.iterrows()}, sizes, {**cfg, "ema": True}, limit))  # fmt: skip
+        raise RunTooLong(f"{head} What to cut, each alone:\n{tips}\nOr raise it: OPTIONS = "
+                         f'{{"max_hours": {total + 1:.0f}}}.')  # fmt: skip
+    for name in table.index:
+        try:
+            models.fetch_weights(name)
+        except models.WeightsUnavailable as err:
+            if not cpu:
+                raise
+            raise models.WeightsUnavailable(
+                f"{str(err).splitlines()[0]}\n{_cpu_advice(cfg, sizes, limit)}"
+            ) from None
+    return f"go: about {total:.2f} h on {where}, within the {limit:g} h of the max_hours option."
+
+
+def _cpu_advice(cfg: dict, sizes: dict, limit: float) -> str:
+    """The CPU settings to paste, with their hours here (and ``max_images`` when needed)."""
+    cpu = config.CPU_SETTINGS
+    n = sizes["n_train"] + sizes["n_val"]
+    n_val = round(cpu["VAL_FRACTION"] * n)
+    alt = {**cfg, "epochs_finetune": cpu["EPOCHS_FINETUNE"], "frozen_only": []}
+    cpu_sizes = {**sizes, "n_train": n - n_val, "n_val": n_val}
+    hours = float(plan(cpu["BACKBONES"], alt, torch.device("cpu"), cpu_sizes)["hours"].sum())
+    lines = config.cpu_lines()
+    if hours > limit:
+        keep = int(n * limit / hours)
+        lines += f'\nOPTIONS = {{"max_images": {keep}}}'
+        hours = limit
+    return (
+        f"These settings fit a CPU, about {hours:.1f} h here; paste them into the "
+        f"parameters cell (a GPU runs the configured networks):\n{lines}"
+    )

@@ -1,8 +1,10 @@
-"""The notebooks as the team's report: the team block filled in, the prose tied to the outputs.
+"""The notebooks as the team's report: the team block filled in, its readings tied to the outputs.
 
-The hand-in (:mod:`handin`) warns when either fails, and the tests hold the committed notebooks
-to the same rules: a report whose prose quotes numbers its outputs do not show was written for
-another run.
+What depends on a run's numbers is printed by code under each output (:mod:`readings`); the
+team's own interpretation sits in the markdown cells tagged ``team-reading``. Those cells are
+the prose that can fall out of step with the outputs (written for an earlier run), so they are
+checked: every decimal number they quote must stand in the outputs. The hand-in
+(:mod:`handin`) warns when a check fails.
 """
 
 from __future__ import annotations
@@ -13,37 +15,35 @@ from pathlib import Path
 
 #: The placeholders of challenge.ipynb's team block (the cell tagged ``team``).
 TEAM_PLACEHOLDERS = ("(your names)", "(who did what)")
+#: The tag of the markdown cells that hold the team's own reading of the outputs.
+READING_TAG = "team-reading"
 
 _NUMBER = r"(?<![\w.])\d+\.\d+(?![\d])"
 _REFERENCE = r"\(§(\d+)\)"
 
 
 def unbacked_numbers(notebook: dict) -> list[str]:
-    """Numbers a notebook's reading prose quotes that its outputs do not hold ([] when none).
+    """Numbers the team's readings quote that the outputs do not hold ([] when none).
 
-    Reading prose: markdown cells that start with ``*In this run`` and the cells of a section
-    titled ``Conclusions``. Each decimal number must appear in the outputs of the code cells
-    of the section the prose refers to: the section named by the next ``(§N)`` in the same
-    paragraph, else the prose's own section. Quoted lines (``>``) hold figures from elsewhere
-    and are not checked. A failure means the prose was written for another run.
+    The readings: the markdown cells tagged ``team-reading`` (:data:`READING_TAG`). Each decimal
+    number must appear in the outputs of the code cells of the section the prose refers to:
+    the section named by the next ``(§N)`` in the same paragraph, else the prose's own section
+    (``## N.`` headings). Quoted lines (``>``) hold figures from elsewhere and are not checked.
+    A failure means the prose was written for another run.
     """
-    sections, current, title = {}, 0, {}
+    sections, current = {}, 0
     for cell in notebook["cells"]:
         text = "".join(cell["source"])
-        heading = re.match(r"## (\d+)\. (.*)", text)
+        heading = re.match(r"## (\d+)\. ", text)
         if cell["cell_type"] == "markdown" and heading:
             current = int(heading.group(1))
-            title[current] = heading.group(2)
         cell["_section"] = current
         if cell["cell_type"] == "code":
             sections.setdefault(current, []).append(json.dumps(cell.get("outputs", [])))
     problems = []
     for cell in notebook["cells"]:
         text = "".join(cell["source"])
-        reading = text.startswith("*In this run") or "Conclusions" in title.get(
-            cell["_section"], ""
-        )
-        if cell["cell_type"] != "markdown" or not reading:
+        if cell["cell_type"] != "markdown" or not is_reading(cell):
             continue
         for paragraph in re.split(r"\n\s*\n", text):
             lines = [line for line in paragraph.splitlines() if not line.lstrip().startswith(">")]
@@ -59,6 +59,11 @@ def unbacked_numbers(notebook: dict) -> list[str]:
     for cell in notebook["cells"]:
         cell.pop("_section", None)
     return problems
+
+
+def is_reading(cell: dict) -> bool:
+    """Whether a cell is one of the team's readings (tagged :data:`READING_TAG`)."""
+    return READING_TAG in cell.get("metadata", {}).get("tags", [])
 
 
 def team_blank(notebook: dict) -> bool:

@@ -102,16 +102,39 @@ def test_scores_stale(out: Path | str, test_id: str) -> bool:
     return "data" not in scores or str(scores["data"]) != test_id
 
 
+def head_folder(out: Path | str, kind: str = "mlp") -> Path:
+    """Where a backbone's phase-1 head of ``kind`` keeps its checkpoints: the course's MLP head
+    in the backbone's folder itself, another head in a folder of its name (``linear/``)."""
+    return Path(out) if kind in ("mlp", "logistic") else Path(out) / kind
+
+
 def load_kept_model(run_dir: Path | str, name: str, model):
     """Put the weights a finished backbone kept into ``model`` (a fresh build of it): the whole
-    network after fine-tuning (raw weights or their average), else the best frozen head."""
+    network after fine-tuning (raw weights or their average), else the best frozen head; the
+    head is made anew of the kind the run kept (``result.json``)."""
+    from .models import set_head
+
     out = Path(run_dir) / "models" / name
-    finetuned = load_json(out / "result.json")["best_phase"].startswith("finetune")
-    kept = PhaseCheckpoint(out, "finetune" if finetuned else "frozen", {})
+    result = load_json(out / "result.json")
+    kind = result.get("head", "mlp")
+    set_head(model, kind)
+    finetuned = result["best_phase"].startswith("finetune")
+    folder = out if finetuned else head_folder(out, kind)
+    kept = PhaseCheckpoint(folder, "finetune" if finetuned else "frozen", {})
     if not kept.best_path.exists():  # a fresh head would give a plausible-looking wrong answer
         raise FileNotFoundError(f"{name} kept no model in this run folder ({kept.best_path})")
     kept.load_best(model if finetuned else model.head)
     return model
+
+
+def views(scores: dict, names: list[str]) -> dict:
+    """``{model: {"plain": probabilities, "flip TTA": probabilities}}`` of each network's saved
+    ``scores`` (:func:`load_scores`) and, for two or more, of their ensemble: the mean of their
+    probabilities, view by view."""
+    out = {n: {"plain": scores[n]["probs"], "flip TTA": scores[n]["probs_tta"]} for n in names}
+    if len(names) > 1:
+        out["ensemble"] = {v: np.mean([out[n][v] for n in names], axis=0) for v in out[names[0]]}
+    return out
 
 
 #: Where the course's recipe, trained as a baseline on each network's frozen features by

@@ -383,21 +383,30 @@ def test_class_weights_confusions_and_the_test_against_its_range():
 
 
 def test_reading_prose_must_quote_numbers_its_outputs_hold():
-    def cell(kind, text, out=""):
-        c = {"cell_type": kind, "source": [text]}
+    """The team's readings (cells tagged team-reading) are checked against the outputs, of their
+    own section or of the one a (§N) names; untagged prose (what is measured, how to read it)
+    and quoted lines are not."""
+
+    def cell(kind, text, out="", tags=()):
+        c = {"cell_type": kind, "source": [text], "metadata": {"tags": list(tags)}}
         if kind == "code":
             c["outputs"] = [{"output_type": "stream", "name": "stdout", "text": out}]
         return c
 
     nb = {"cells": [
         cell("markdown", "## 2. The study"), cell("code", "x", "f1 0.491 [0.415, 0.567]"),
-        cell("markdown", "*In this run:* 0.491, between 0.415 and 0.567.\n> quoted: 13.6%"),
+        cell("markdown", "We read 0.491, between 0.415 and 0.567.\n> quoted: 13.6%",
+             tags=["team-reading"]),
+        cell("markdown", "How to read it: 0.05 is a typical width."),
         cell("markdown", "## 3. Other"), cell("code", "y", "0.25"),
         cell("markdown", "## 4. Conclusions"),
-        cell("markdown", "Lite1 0.491 (§2) and 0.25 (§3).\n\nAnd 0.25 again (§2)."),
+        cell("markdown", "Lite1 0.491 (§2) and 0.25 (§3).\n\nAnd 0.25 again (§2).",
+             tags=["team-reading"]),
     ]}  # fmt: skip
     assert report.unbacked_numbers(nb) == ["0.25 (section 2): not in its outputs"]
-    nb["cells"][2]["source"] = ["*In this run:* 0.49 is not 0.491."]  # a prefix is not a match
+    nb["cells"][2]["source"] = ["We read 0.49, not 0.491."]  # a prefix is not a match
     assert report.unbacked_numbers(nb) == [
         "0.49 (section 2): not in its outputs", "0.25 (section 2): not in its outputs"
     ]  # fmt: skip
+    nb["cells"][7]["metadata"]["tags"] = []  # untagged: not the team's reading, not checked
+    assert report.unbacked_numbers(nb) == ["0.49 (section 2): not in its outputs"]

@@ -180,14 +180,19 @@ def test_padded_transform_keeps_aspect_and_pads_with_the_mean():
 def test_settings_say_where_each_value_came_from(monkeypatch):
     for key in [k for k in __import__("os").environ if k.startswith("COCO_")]:
         monkeypatch.delenv(key)
-    cell = {"EPOCHS_FROZEN": 3, "BACKBONES": ["x"], "LR_HEAD": 0.1, "OPTIONS": {"tta": False}}
+    cell = {
+        "EPOCHS_FROZEN": 3,
+        "BACKBONES": ["x"],
+        "LR_HEAD": 0.1,
+        "OPTIONS": {"at_least_one": False},
+    }
     monkeypatch.setenv("COCO_EPOCHS_FROZEN", "7")
     monkeypatch.setenv("COCO_BACKBONES", "resnet50, efficientnet_lite0")
     cfg, source = config.settings(cell)
     assert cfg["epochs_frozen"] == 7 and cfg["backbones"] == ["resnet50", "efficientnet_lite0"]
     assert source["epochs_frozen"] == "environment variable COCO_EPOCHS_FROZEN"
     assert cfg["lr_head"] == 0.1 and source["lr_head"] == "parameters cell"
-    assert cfg["tta"] is False and source["tta"] == "OPTIONS (parameters cell)"
+    assert cfg["at_least_one"] is False and source["at_least_one"] == "OPTIONS (parameters cell)"
     assert cfg["shrink"] == config.OPTIONS["shrink"] and source["shrink"].startswith(
         "library default"
     )
@@ -198,7 +203,7 @@ def test_settings_say_where_each_value_came_from(monkeypatch):
     assert "options" not in cfg
     monkeypatch.setenv("COCO_OPTIONS", '{"workers": 0}')
     cfg, source = config.settings(cell)
-    assert cfg["workers"] == 0 and cfg["tta"] is True  # the variable replaces the cell's dict
+    assert cfg["workers"] == 0 and cfg["at_least_one"] is True  # the variable replaces the dict
     assert source["workers"] == "OPTIONS (environment variable COCO_OPTIONS)"
     monkeypatch.setenv("COCO_LR_HEAD", "fast")
     with pytest.raises(ValueError, match="COCO_LR_HEAD"):
@@ -206,7 +211,7 @@ def test_settings_say_where_each_value_came_from(monkeypatch):
     monkeypatch.delenv("COCO_LR_HEAD")
     monkeypatch.delenv("COCO_OPTIONS")
     with pytest.raises(ValueError, match="unknown OPTIONS"):
-        config.settings({**cell, "OPTIONS": {"tta": 1, "typo": 2}})
+        config.settings({**cell, "OPTIONS": {"shrink": 1, "typo": 2}})
 
 
 def test_missing_data_root_explains_layout(tmp_path):
