@@ -361,17 +361,19 @@ class RunTooLong(SaysWhatToDo, RuntimeError):
 @functools.lru_cache(maxsize=1)
 def _cpu_speed(probe: str = "efficientnet_lite0", batch: int = 8) -> float:
     """This CPU against the reference GPU: ``probe``'s forward images/s here (random weights,
-    two timed batches after a warm-up one) over its reference forward rate."""
+    two timed batches after a warm-up one) over its reference forward rate. Timed in CPU time
+    over the threads torch uses: what the run gets with the cores to itself, whatever else
+    the machine is doing while it is timed."""
     model, pre = models.build_model(probe, pretrained=False)
     model = model.eval().to(memory_format=torch.channels_last)
     x = torch.randn(batch, 3, pre["size"], pre["size"]).to(memory_format=torch.channels_last)
     with torch.inference_mode():
         model(x)
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         model(x)
         model(x)
-        rate = 2 * batch / (time.perf_counter() - t0)
-    return rate / (budget.FORWARD_SPEEDUP * budget.REFERENCE_TRAIN_IPS[probe][0])
+        seconds = (time.process_time() - t0) / torch.get_num_threads()
+    return 2 * batch / seconds / (budget.FORWARD_SPEEDUP * budget.REFERENCE_TRAIN_IPS[probe][0])
 
 
 def rates_here(names, cfg: dict, device, speed: float | None = None) -> dict:
@@ -380,7 +382,8 @@ def rates_here(names, cfg: dict, device, speed: float | None = None) -> dict:
     out = {}
     for name in names:
         size = models.preprocess_for(name, cfg["img_size"])["size"]
-        rates = budget.reference_rates(name, size, cfg["workers"] or 1)
+        ref = budget.reference_rates(name, size, cfg["workers"] or 1)
+        rates = {"train": ref["train"], "forward": ref["forward"]}
         if device.type != "cuda":
             speed = _cpu_speed() if speed is None else speed
             train = budget.REFERENCE_TRAIN_IPS[name][0] * (budget.REFERENCE_TRAIN_IPS[name][1]

@@ -156,3 +156,88 @@ def test_the_preflight_refuses_what_the_run_would_refuse(demo_root):
         preflight.run(demo_root, ["no_such_net"], 1.0, _course())
     with pytest.raises(ValueError, match="224 px only"):
         preflight.run(demo_root, ["maxvit_t"], 1.0, _course(), img_size=160)
+
+
+def _plan_cfg(**changes):
+    """The settings the notebook's plan reads, as its defaults set them (not the tests' own)."""
+    from cocochallenge import config
+
+    cfg = {**config.OPTIONS, "workers": 8, "backbones": ["maxvit_t"], "epochs_finetune": 8}
+    return {**cfg, **changes}
+
+
+SIZES = {"n_train": 542, "n_val": 136, "n_test": 32}
+
+
+@pytest.mark.quick
+def test_on_a_cpu_a_run_over_max_hours_stops_with_the_cpu_settings_to_paste(monkeypatch):
+    """The notebook's plan on a CPU (its speed given, as _cpu_speed would measure it): the
+    default networks take far more than max_hours, and the stop holds config.CPU_SETTINGS
+    as lines to paste (the block of the README and the first cell), short, no weights asked."""
+    import torch
+
+    from cocochallenge import config
+
+    monkeypatch.setattr(preflight, "_cpu_speed", lambda: 0.01)
+    monkeypatch.setattr(models, "fetch_weights", lambda name: pytest.fail("fetched weights"))
+    cfg = _plan_cfg(backbones=["maxvit_t", "regnet_y_16gf_swag"])
+    cpu = torch.device("cpu")
+    table = preflight.plan(cfg["backbones"], cfg, cpu, SIZES)
+    assert table["fine-tuning epochs"].to_dict() == {"maxvit_t": 8, "regnet_y_16gf_swag": 0}
+    with pytest.raises(preflight.RunTooLong) as err:
+        preflight.check(table, {**cfg, "max_hours": table["hours"].sum() / 2}, cpu, SIZES)
+    text = str(err.value)
+    assert config.cpu_lines() in text and len(text.splitlines()) <= 15
+    assert "max_images" not in text  # the CPU settings fit these 678 photos
+    assert text.startswith(f"The configured run needs about {table['hours'].sum():.1f} h")
+    # the same run within the limit goes on, and asks for the weights
+    monkeypatch.setattr(models, "fetch_weights", lambda name: None)
+    assert preflight.check(table, {**cfg, "max_hours": 1e9}, cpu, SIZES).startswith("go:")
+
+
+@pytest.mark.quick
+def test_on_a_cpu_the_cpu_settings_shrink_to_the_images_that_fit(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(preflight, "_cpu_speed", lambda: 0.01)
+    course = {"n_train": 58_500, "n_val": 6_500, "n_test": 4_952}
+    cfg = _plan_cfg(max_hours=1.0)
+    table = preflight.plan(["maxvit_t"], cfg, torch.device("cpu"), course)
+    with pytest.raises(preflight.RunTooLong, match=r'OPTIONS = \{"max_images": \d+\}') as err:
+        preflight.check(table, cfg, torch.device("cpu"), course)
+    keep = int(re.search(r'"max_images": (\d+)', str(err.value)).group(1))
+    assert 0 < keep < 65_000
+
+
+@pytest.mark.quick
+def test_weights_that_cannot_be_had_stop_with_the_cpu_settings_on_a_cpu_only(monkeypatch):
+    import torch
+
+    from cocochallenge import config
+
+    def offline(name):
+        raise models.WeightsUnavailable(f"The pretrained weights of {name} could not be loaded")
+
+    monkeypatch.setattr(preflight, "_cpu_speed", lambda: 1.0)
+    monkeypatch.setattr(models, "fetch_weights", offline)
+    cfg = _plan_cfg()
+    for device, with_block in ((torch.device("cpu"), True), (torch.device("cuda"), False)):
+        table = preflight.plan(["maxvit_t"], cfg, device, SIZES)
+        with pytest.raises(models.WeightsUnavailable) as err:
+            preflight.check(table, cfg, device, SIZES)
+        assert (config.cpu_lines() in str(err.value)) == with_block
+
+
+@pytest.mark.quick
+def test_on_a_gpu_a_run_over_max_hours_says_what_to_cut():
+    import torch
+
+    cfg = _plan_cfg(backbones=["maxvit_t", "convnext_tiny_in22k"])
+    course = {"n_train": 58_500, "n_val": 6_500, "n_test": 4_952}
+    gpu = torch.device("cuda")
+    table = preflight.plan(cfg["backbones"], cfg, gpu, course)
+    assert table["rates from"].eq("reference GPU rates").all()
+    with pytest.raises(preflight.RunTooLong) as err:
+        preflight.check(table, {**cfg, "max_hours": 0.3}, gpu, course)
+    text = str(err.value)
+    assert "What to cut" in text and "EPOCHS_FINETUNE = " in text and "max_hours" in text
