@@ -52,7 +52,9 @@ OPTIONS = {
     "at_least_one": True,    # every image gets at least its most probable class
     "tta": True,             # horizontal-flip test-time augmentation
     # the run
-    "retrain": [],           # backbones to train again in this run folder; ["all"]: everything
+    # backbones trained here with other settings, to train again (["all"]: every one, and the
+    # split); it replaces only what differs, so it acts once: then remove it
+    "retrain": [],
     # backbones trained frozen only, no fine-tuning: 5 projected GPU hours otherwise (README)
     "frozen_only": ["regnet_y_16gf_swag", "regnet_y_16gf_swag_linear"],
     "refit": False,          # the optional refit on train + validation (end of the notebook)
