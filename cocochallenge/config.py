@@ -70,7 +70,9 @@ OPTIONS = {
     "shrink": 10,            # per-class thresholds pulled toward the global one by 10 positives
     "at_least_one": True,    # every image gets at least its most probable class
     # the run
-    "retrain": [],           # backbones to train again in this run folder; ["all"]: everything
+    # backbones trained here with other settings, to train again (["all"]: every one, and the
+    # split); it replaces only what differs, so it acts once: then remove it
+    "retrain": [],
     # backbones trained frozen only, no fine-tuning: 5 projected GPU hours otherwise (README)
     "frozen_only": ["regnet_y_16gf_swag", "regnet_y_16gf_swag_linear"],
     "max_hours": 3.0,        # stop before training when the run would take longer here

@@ -211,6 +211,23 @@ def stale_message(what: str, diffs: list[str], run_dir: Path, switch: str) -> st
     )
 
 
+#: The files that say a backbone was trained (the notebook's phases, the CPU recipe's result).
+TRAINED = ("frozen_last.pt", "finetune_last.pt", "result.json")
+
+
+def trained(folder: Path | str) -> bool:
+    """Whether a backbone's folder (``<run>/models/<name>``) holds a trained model: an epoch's
+    checkpoint or a finished result. Its ``settings.json`` and feature caches, made before the
+    first epoch, are not one: a failed try's are replaced without asking."""
+    return any((Path(folder) / f).exists() for f in TRAINED)
+
+
+def trained_models(run_dir: Path | str) -> list[str]:
+    """The backbones of ``run_dir`` that hold a trained model (:func:`trained`)."""
+    models = Path(run_dir) / "models"
+    return sorted(p.name for p in models.glob("*") if p.is_dir() and trained(p))
+
+
 def shown_path(path: Path | str) -> str:
     """A path as a notebook should print it: relative to the working folder when inside it.
 
@@ -250,13 +267,18 @@ def _process(pid: int) -> tuple[str, float] | None:
         return None
 
 
+def started(pid: int) -> float | None:
+    """When process ``pid`` started (seconds since the epoch), where /proc says (else None)."""
+    info = _process(pid)
+    return info and info[1]
+
+
 def _this_process() -> dict:
     program = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
     if "ipykernel" in program:
         program = "a notebook's kernel"
-    info = _process(os.getpid())
     return {"host": socket.gethostname(), "pid": os.getpid(),
-            "started": info and info[1], "since": time.time(), "program": program}  # fmt: skip
+            "started": started(os.getpid()), "since": time.time(), "program": program}  # fmt: skip
 
 
 def _gone(holder: dict) -> str | None:
@@ -312,15 +334,21 @@ _held: set[Path] = set()
 
 
 def hold_run_folder(run_dir: Path | str, log=print, take: bool = True) -> bool:
-    """Make this process the one training run of ``run_dir`` until it exits (creates the folder).
+    """Make this process the one training run of ``run_dir`` while it writes (creates the folder).
+
+    In a notebook's kernel the hold lasts until the end of the cell that took it, so an idle
+    kernel holds nothing: the analysis and the hand-in say that a run still works only while a
+    cell that writes results runs. The notebook's writing cells each take it (the split and the
+    check before training take it themselves). Elsewhere (a script, the CPU recipe) it lasts
+    until :func:`release_run_folder` or the process's exit.
 
     A second training run on the folder stops here at once (:class:`RunFolderBusy`, naming
     the holder): two runs would train the same models twice and overwrite each other's files.
-    The hold is this process's: calling again (rerunning cells in the same kernel) passes. A
-    lock whose holder is gone (its process ended or was killed, its id now names a later
-    process, or it ran on another server) is taken over with a note. Returns True when this
-    call took the folder, False when this process held it already; with ``take=False`` only
-    checks that the folder is free and writable (``run.py``, before it starts a kernel).
+    The hold is this process's: calling again passes. A lock whose holder is gone (its process
+    ended or was killed, its id now names a later process, or it ran on another server) is taken
+    over with a note. Returns True when this call took the folder, False when this process held
+    it already; with ``take=False`` only checks that the folder is free and writable
+    (``run.py``, before it starts a kernel).
     """
     run_dir = Path(run_dir).expanduser()
     lock = run_dir / LOCK_NAME
@@ -334,7 +362,7 @@ def hold_run_folder(run_dir: Path | str, log=print, take: bool = True) -> bool:
             raise RunFolderBusy(
                 f"{run_dir} is held by another training run: {_who(holder)}. Two runs in one "
                 "folder would train the same models twice and overwrite each other's files. "
-                "Wait until it ends; or stop it (in its notebook: Kernel > Shut Down Kernel; "
+                "Wait until it ends; or stop it (in its notebook: Kernel > Interrupt Kernel; "
                 f"else `kill {holder['pid']}` on {holder['host']}); or set RUN_DIR to another "
                 f"folder.{unsure}"
             )
@@ -362,19 +390,28 @@ def hold_run_folder(run_dir: Path | str, log=print, take: bool = True) -> bool:
     finally:
         if tmp and os.path.exists(tmp):
             os.remove(tmp)
-    if not _held:
-        atexit.register(_release_all)
+    _release_later()
     _held.add(lock)
     return True
 
 
-def _release_all() -> None:
+def _release_later() -> None:
+    """Give the held folders up when the running cell ends (IPython's ``post_run_cell`` event,
+    which follows every cell, failed or interrupted ones too), and at the process's exit."""
+    shell = sys.modules["IPython"].get_ipython() if "IPython" in sys.modules else None
+    if shell is not None and _release_all not in shell.events.callbacks["post_run_cell"]:
+        shell.events.register("post_run_cell", _release_all)
+    atexit.unregister(_release_all)  # registered once, however many holds
+    atexit.register(_release_all)
+
+
+def _release_all(*_) -> None:
     for lock in list(_held):
         release_run_folder(lock.parent)
 
 
 def release_run_folder(run_dir: Path | str) -> None:
-    """Give the run folder up, if this process holds it (done at exit anyway)."""
+    """Give the run folder up, if this process holds it (done at the cell's end or exit anyway)."""
     lock = Path(run_dir).expanduser() / LOCK_NAME
     holder = _read_lock(lock)
     if holder is not None and _is_me(holder):

@@ -8,10 +8,21 @@ Moodle. Every check runs before the zip is written, and each problem is said in 
 from __future__ import annotations
 
 import json
+import os
+import sys
+import time
 import zipfile
 from pathlib import Path
 
-from .files import CannotWrite, CorruptFile, atomic_path, held_note, load_json
+from .files import (
+    CannotWrite,
+    CorruptFile,
+    atomic_path,
+    held_note,
+    load_json,
+    shown_path,
+    started,
+)
 from .report import warnings_for
 from .submission import SubmissionError, read_submission, validate_submission
 
@@ -53,11 +64,7 @@ def notebook_problems(path: Path, run_dir: Path) -> list[str]:
     except CorruptFile:
         return [f"{path.name} is not a readable notebook (cut off or overwritten): run it again"]
     problems, counts = [], []
-    for cell in nb["cells"]:
-        if cell["cell_type"] != "code":
-            continue
-        if HANDIN_TAG in cell.get("metadata", {}).get("tags", []):
-            break
+    for cell in _cells_above_handin(nb):
         counts.append(cell.get("execution_count"))
         for out in cell.get("outputs", []):
             if out.get("output_type") == "error":
@@ -68,7 +75,7 @@ def notebook_problems(path: Path, run_dir: Path) -> list[str]:
     if counts != list(range(1, len(counts) + 1)):
         problems.append(
             f"{path.name}: not run top to bottom in one go (execution counts {counts[:12]}"
-            f"{' ...' if len(counts) > 12 else ''}); restart the kernel and run all cells"
+            f"{' ...' if len(counts) > 12 else ''}): {RERUN}"
         )
     text = json.dumps([c.get("outputs", []) for c in nb["cells"] if c["cell_type"] == "code"])
     names = {str(run_dir), str(run_dir.resolve())}
@@ -83,14 +90,90 @@ def notebook_problems(path: Path, run_dir: Path) -> list[str]:
     return problems
 
 
-def collect(run_dir: Path, project: Path) -> dict:
-    """``{name in the zip: file}`` of everything a hand-in holds."""
+def _cells_above_handin(nb: dict) -> list[dict]:
+    """The code cells above the one tagged ``handin`` (all of them without one), empty ones left
+    out: JupyterLab does not send an empty cell to the kernel."""
+    cells = []
+    for cell in nb["cells"]:
+        if HANDIN_TAG in cell.get("metadata", {}).get("tags", []):
+            break
+        if cell["cell_type"] == "code" and "".join(cell["source"]).strip():
+            cells.append(cell)
+    return cells
+
+
+#: The one step that makes a notebook one run, top to bottom, saved (JupyterLab's menus).
+RERUN = "Kernel > Restart Kernel and Run All Cells, then File > Save"
+
+
+def kernel_problems(path: Path, history: list[str], started: float | None) -> list[str]:
+    """Why the saved notebook ``path`` is not this kernel's run of every cell above the running
+    one ([] when it is), with the one step to take.
+
+    A kernel cannot save its own notebook, so the hand-in cell checks the saved file: its code
+    cells above the hand-in cell must be the cells this kernel ran, in order, once each,
+    numbered 1..n, with nothing run since but the hand-in cell (again, after a refusal), and
+    the file saved after the kernel started (``started``, seconds since the epoch). ``history``
+    is the kernel's cells as they ran, the running one last, from index 1 (IPython's
+    ``history_manager.input_hist_raw``).
+    """
+    nb = load_json(path)
+    cells = _cells_above_handin(nb)
+    ran = [text.rstrip() for text in history[1:-1]]
+    while ran and ran[-1] == history[-1].rstrip():  # the hand-in cell, refused before
+        ran.pop()
+    if len(ran) != len(cells):
+        return [f"{path.name}: this kernel ran {len(ran)} cells before this one, not the "
+                f"{len(cells)} above it once each: {RERUN}, then run this cell again"]  # fmt: skip
+    counts = [cell.get("execution_count") for cell in cells]
+    same = all(n is None or (0 < n <= len(ran) and ran[n - 1] == "".join(cell["source"]).rstrip())
+               for n, cell in zip(counts, cells))  # fmt: skip
+    done = [n for n in counts if n is not None]
+    fresh = started is None or path.stat().st_mtime >= started
+    if same and fresh and counts == list(range(1, len(cells) + 1)):
+        return []
+    save = "File > Save, then run this cell again"
+    if same and done != list(range(1, len(done) + 1)):  # as saved, the kernel's run: not in order
+        return [f"{path.name}: this kernel did not run the cells above once each, in order "
+                f"(execution counts {counts[:12]}): {RERUN}, then run this cell again"]  # fmt: skip
+    if fresh and not same:  # saved since the kernel started, yet not its run: early, or messy
+        save += f" (if this repeats: {RERUN}, then run this cell again)"
+    return [f"{path.name} as saved is not yet this kernel's run of the cells above (a kernel "
+            f"cannot save its own notebook): {save}"]  # fmt: skip
+
+
+def saved_before_results(files: dict) -> list[str]:
+    """The challenge notebook of ``files`` (:func:`collect`) must be saved after the run's
+    results were written: else its saved file shows an earlier run, or none ([] when it is)."""
+    made = files.get("challenge.ipynb")
+    results = [p for n, p in files.items() if n.startswith("run/") and n[4:] in RUN_FILES]
+    newest = max(results, key=lambda p: p.stat().st_mtime, default=None)
+    if made is None or newest is None or made.stat().st_mtime >= newest.stat().st_mtime:
+        return []
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(newest.stat().st_mtime))
+    return [f"{shown_path(made)} was saved before the run's results ({newest.name}, {when}): "
+            "in challenge.ipynb, File > Save, then run this cell again"]  # fmt: skip
+
+
+def collect(run_dir: Path, project: Path, beside: Path | None = None) -> dict:
+    """``{name in the zip: file}`` of everything a hand-in holds.
+
+    The notebooks: run.py's executed copies in the run folder first, else the project's;
+    with ``beside`` (the folder of the notebook that packs, in JupyterLab) the ones there, as
+    the team sees them, the challenge notebook from the run folder only where that copy was
+    saved later (a run made by run.py).
+    """
     files = {}
-    for name in NOTEBOOKS:  # run.py's executed copies first, else the ones in the project
-        for cand in (run_dir / name, project / name):
-            if cand.is_file():
-                files[name] = cand
-                break
+    for name in NOTEBOOKS:
+        if beside is None:  # run.py's executed copies first, else the project's
+            found = [p for p in (run_dir / name, project / name) if p.is_file()]
+        else:  # the team's, beside the packing one; run.py's challenge notebook if saved later
+            mine = (
+                (beside / name, run_dir / name) if name == "challenge.ipynb" else (beside / name,)
+            )
+            found = sorted((p for p in mine if p.is_file()), key=lambda p: -p.stat().st_mtime)
+        if found:
+            files[name] = found[0]
     for name in PROJECT_FILES:
         if (project / name).is_file():
             files[name] = project / name
@@ -129,6 +212,7 @@ def find_test_dir(run_dir: Path, given: Path | str | None = None) -> tuple[Path 
 
 def pack(run_dir: Path | str, out: Path | str | None = None, max_mb: float = 20.0,
          project: Path | str | None = None, log=print, test_dir: Path | str | None = None,
+         notebook: Path | str | None = None, history: list[str] | None = None,
          ) -> Path | None:  # fmt: skip
     """Check the run and write ``<run>/handin.zip``; its path, or None after listing problems.
 
@@ -136,11 +220,18 @@ def pack(run_dir: Path | str, out: Path | str | None = None, max_mb: float = 20.
     folder can be found (``test_dir``, or the data root the run recorded), every test image
     must have its prediction. When it cannot, the zip is written and the log says plainly
     that this was not checked, and why.
+
+    ``notebook``: the notebook whose cell calls this, in a kernel (``"analysis.ipynb"``). The
+    notebooks packed are then those beside it, as the team sees them (:func:`collect`): that
+    one must be saved as this kernel's run of every cell above the calling one
+    (:func:`kernel_problems`; ``history``: the kernel's cells, IPython's by default), and the
+    challenge notebook saved after the run's results were written.
     """
     run_dir = Path(run_dir)
     project = Path(project) if project else Path(__file__).resolve().parents[1]
     out = Path(out) if out else run_dir / "handin.zip"
-    files = collect(run_dir, project)
+    beside = Path(notebook).resolve().parent if notebook else None
+    files = collect(run_dir, project, beside)
     required = (*NOTEBOOKS, "run/submission.json", "run/results.csv", "run/config.json",
                 "run/environment.json")  # fmt: skip
     problems = [f"{name} is missing" for name in required if name not in files]
@@ -167,9 +258,16 @@ def pack(run_dir: Path | str, out: Path | str | None = None, max_mb: float = 20.
                 )
         except SubmissionError as err:
             problems.append(f"submission.json is not valid: {err}")
+    here = []
+    if notebook:  # packed from a notebook's cell: its saved file, the challenge notebook's
+        if history is None:
+            history = sys.modules["IPython"].get_ipython().history_manager.input_hist_raw
+        here = kernel_problems(Path(notebook), history, started(os.getpid()))
+        problems += saved_before_results(files)
     for name in NOTEBOOKS:
         if name in files:
-            problems += notebook_problems(files[name], run_dir)
+            mine = notebook is not None and files[name].samefile(notebook)
+            problems += (mine and here) or notebook_problems(files[name], run_dir)
     size = sum(p.stat().st_size for p in files.values())
     if size > max_mb * 1e6:  # deflate shrinks text, hardly the PNG figures
         problems.append(
@@ -195,5 +293,7 @@ def pack(run_dir: Path | str, out: Path | str | None = None, max_mb: float = 20.
         return None
     log(f"hand-in: {out} ({zip_size / 1e6:.2f} MB, {len(files)} files)")
     for name, path in files.items():
-        log(f"  {name:<44} {path.stat().st_size / 1e3:>9.1f} kB")
+        saved = time.strftime("saved %Y-%m-%d %H:%M", time.localtime(path.stat().st_mtime))
+        what = f"  {shown_path(path)}, {saved}" if name in NOTEBOOKS else ""
+        log(f"  {name:<44} {path.stat().st_size / 1e3:>9.1f} kB{what}")
     return out

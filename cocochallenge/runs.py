@@ -21,11 +21,13 @@ from .config import environment_report
 from .files import (
     StaleRunError,
     differences,
+    hold_run_folder,
     load_json,
     load_npz,
     save_json,
     save_npz,
     stale_message,
+    trained,
 )
 from .training import predict
 
@@ -237,18 +239,28 @@ def check_models(run_dir: Path | str, names: list[str], cfg: dict, ids: dict, am
 
     ``ids`` holds the digests of the labelled data, the split and the test images. Each
     backbone's status is :func:`check_model`'s; ``settings`` is what its ``settings.json``
-    records. Only when every backbone agrees with the folder is ``config.json`` written.
+    records. Only when every backbone agrees with the folder is ``config.json`` written. The
+    folder is held from here to the end of the cell (:func:`files.hold_run_folder`). The
+    ``retrain`` option applies where it has something to replace; where it replaced nothing
+    (the backbones were trained with these settings), the run says to remove it, every time.
     """
     from .models import preprocess_for
 
+    hold_run_folder(run_dir, log)
+    asked = set(names) if "all" in cfg["retrain"] else set(cfg["retrain"])
     status, settings = {}, {}
     for name in names:
         pre = preprocess_for(name, cfg["img_size"])
         settings[name] = model_settings(name, cfg, pre, ids["data"], ids["split"], amp_dtype)
-        retrain = "all" in cfg["retrain"] or name in cfg["retrain"]
-        status[name] = check_model(run_dir, settings[name], retrain, log, ids["test"])
+        status[name] = check_model(run_dir, settings[name], name in asked, log, ids["test"])
+    unused = sorted(n for n in asked if status.get(n) != "retrain")
+    if unused and ("all" not in cfg["retrain"] or "retrain" not in status.values()):
+        models = Path(run_dir) / "models"
+        log(f'note: OPTIONS "retrain" replaced nothing for {", ".join(unused)} (trained with '
+            "these settings, or not in this folder): remove it from OPTIONS. To train one again "
+            f"with the same settings, move its folder out of {models}.")  # fmt: skip
     for name in names:  # the folder of a backbone to train says with which settings
-        if status[name] == "new":
+        if status[name] in ("new", "retrain"):
             save_json(settings[name], Path(run_dir) / "models" / name / "settings.json")
     prepare_run_dir(cfg)
     return status, settings
@@ -266,34 +278,42 @@ def rescore_test_images(run_dir: Path | str, name: str, model, loaders: dict, id
 
 def check_model(run_dir: Path | str, settings: dict, retrain: bool = False, log=print,
                 test_id: str | None = None) -> str:  # fmt: skip
-    """``new``, ``resume``, ``done`` or ``new test images`` for one backbone.
+    """``new``, ``retrain``, ``resume``, ``done`` or ``new test images`` for one backbone.
 
     Its stored settings (training settings, input, the labelled data's digest, the split) are
-    compared with ``settings``. Stops with :class:`StaleRunError` when the folder holds this
-    backbone trained (or half trained) with other settings, unless ``retrain`` is set: then
-    the old files are moved aside and the backbone starts again. A finished backbone whose
-    test scores were computed on another test folder (``test_id``) only needs them again:
-    ``new test images``. Run for every backbone before any training.
+    compared with ``settings``. Where they differ and no epoch was trained with the old ones
+    (a failed try), the folder is emptied with a one-line note: ``new``. Where a trained model
+    would be mixed with the new settings the run stops (:class:`StaleRunError`), unless
+    ``retrain`` is set: then the old files are moved aside and the backbone starts again,
+    ``retrain``. ``retrain`` does nothing to a backbone trained with these settings. A finished
+    backbone whose test scores were computed on another test folder (``test_id``) only needs
+    them again: ``new test images``. Run for every backbone before any training.
     """
-    folder = Path(run_dir) / "models" / settings["backbone"]
+    import shutil
+
+    name = settings["backbone"]
+    folder = Path(run_dir) / "models" / name
     path = folder / "settings.json"
     if not folder.exists() or not any(folder.iterdir()):
         return "new"
     old = load_json(path) if path.exists() else {"(settings.json)": "missing"}
     diffs = differences(old, settings)
-    if diffs and not retrain:
-        raise StaleRunError(
-            stale_message(
-                f"backbone {settings['backbone']}",
-                diffs,
-                Path(run_dir),
-                f'OPTIONS = {{"retrain": ["{settings["backbone"]}"]}}',
-            )
-        )
-    if diffs or retrain:
-        move_aside(run_dir, folder, log=log)
+    if not diffs:
+        if not trained(folder):
+            return "new"
+        if not (folder / "result.json").exists():
+            return "resume"
+        stale = test_id is not None and test_scores_stale(folder, test_id)
+        return "new test images" if stale else "done"
+    board = Path(run_dir) / "tensorboard" / name  # its curves: of the old settings too
+    if not trained(folder):
+        shutil.rmtree(folder)
+        shutil.rmtree(board, ignore_errors=True)
+        log(f"{name}: no epoch was trained with its old settings ({'; '.join(diffs)}): its "
+            "files are made again with these")  # fmt: skip
         return "new"
-    if not (folder / "result.json").exists():
-        return "resume"
-    stale = test_id is not None and test_scores_stale(folder, test_id)
-    return "new test images" if stale else "done"
+    if not retrain:
+        switch = f'OPTIONS = {{"retrain": ["{name}"]}}'
+        raise StaleRunError(stale_message(f"backbone {name}", diffs, Path(run_dir), switch))
+    move_aside(run_dir, folder, board, log=log)
+    return "retrain"

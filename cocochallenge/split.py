@@ -15,7 +15,15 @@ from pathlib import Path
 import numpy as np
 
 from .config import CLASSES
-from .files import StaleRunError, differences, load_json, save_json, stale_message
+from .files import (
+    StaleRunError,
+    differences,
+    hold_run_folder,
+    load_json,
+    save_json,
+    stale_message,
+    trained_models,
+)
 
 
 def stratified_split(Y: np.ndarray, val_fraction: float = 0.1, seed: int = 0):
@@ -108,22 +116,26 @@ def describe_changes(old: dict, new: dict, show: int = 3) -> str:
 
 def load_or_make_split(stems: list[str], labels: np.ndarray, path: Path | str,
                        val_fraction: float = 0.1, seed: int = 0, inventory: dict | None = None,
-                       replace: bool = False):  # fmt: skip
+                       replace: bool = False, log=print):  # fmt: skip
     """Indices ``(train, val)`` of the images ``stems``, read from ``path``, else made and written.
 
     Both notebooks and every later run then use the same images for validation. The file
     stores image ids, the seed, the fraction and the labelled set's inventory (file sizes and
     classes, :func:`data.inventory`) with its digest. If any of them differs from the current
-    settings the run stops (:class:`~cocochallenge.files.StaleRunError`), naming the settings
-    and the images that changed, unless ``replace`` says to make a new split: every model of
-    the folder is then stale too, which the per-backbone check finds from the new split's id.
+    settings, a split that no trained model of the run folder used (a failed try's) is made
+    again, with a one-line note. A split that trained models used stops the run
+    (:class:`~cocochallenge.files.StaleRunError`), naming the settings, the images that changed
+    and the models, unless ``replace`` says to make a new one: those models are then stale too,
+    which the per-backbone check finds from the new split's id. The run folder is held from here
+    to the end of the cell (:func:`files.hold_run_folder`): the split is a run's first write.
     """
     from .data import digest
 
     path = Path(path)
+    hold_run_folder(path.parent, log)
     inventory = inventory or {}
     want = {"seed": seed, "val_fraction": val_fraction, "data": digest(inventory)}
-    if path.exists() and not replace:
+    if path.exists():
         saved = load_json(path)
         diffs = differences({k: saved.get(k) for k in want}, want)
         if saved.get("data") != want["data"]:
@@ -135,16 +147,18 @@ def load_or_make_split(stems: list[str], labels: np.ndarray, path: Path | str,
             covered = len(saved["train"]) + len(saved["val"])
             diffs.append(f"images: the split covers {covered} ({len(unknown)} not in the data), "
                          f"the data has {len(stems)}")  # fmt: skip
-        if diffs:
-            raise StaleRunError(
-                stale_message(
-                    "the split (split.json)", diffs, path.parent, 'OPTIONS = {"retrain": ["all"]}'
-                )
+        if not diffs:
+            return (
+                np.array([index[s] for s in saved["train"]], dtype=np.int64),
+                np.array([index[s] for s in saved["val"]], dtype=np.int64),
             )
-        return (
-            np.array([index[s] for s in saved["train"]], dtype=np.int64),
-            np.array([index[s] for s in saved["val"]], dtype=np.int64),
-        )
+        used = trained_models(path.parent)
+        if used and not replace:
+            what = f"the split (split.json), which {', '.join(used)} trained on,"
+            switch = 'OPTIONS = {"retrain": ["all"]}'
+            raise StaleRunError(stale_message(what, diffs, path.parent, switch))
+        if not used:
+            log(f"split.json: made again ({'; '.join(diffs)}); no model was trained on the old one")
     tr, va = stratified_split(labels, val_fraction, seed)
     train, val = [stems[i] for i in tr], [stems[i] for i in va]
     record = {**want, "id": split_id(train, val), "train": train, "val": val,

@@ -23,7 +23,7 @@ from torch.utils.data import (
 )
 
 from .config import progress, release_freed_memory
-from .files import StaleRunError, differences, load_torch, torch_save_atomic
+from .files import StaleRunError, differences, load_torch, torch_save_atomic, trained
 
 
 def autocast(device: torch.device, dtype):
@@ -186,35 +186,40 @@ def _features_into(backbone, loader, device, sizes, amp_dtype, show_progress, de
 
 
 def cached_features(
-    path: Path | str, backbone, loader, device, key: dict | None = None, **kwargs
+    path: Path | str, backbone, loader, device, key: dict | None = None, log=print, **kwargs
 ) -> torch.Tensor:
     """:func:`extract_features`, saved to ``path`` so a restarted session does not redo it.
 
     ``key`` records what the features depend on (backbone, input size, padding,
     normalisation, image ids); a saved file with another key, or another number of rows, is
-    stale and stops the run (:class:`~cocochallenge.files.StaleRunError`): it is never
-    silently used, and never silently replaced.
+    stale: it is never silently used. Computed again (said in one line) where no trained model
+    used it (``path``'s folder, :func:`files.trained`), else it stops the run
+    (:class:`~cocochallenge.files.StaleRunError`).
     """
     path = Path(path)
     key = {**(key or {}), "rows": len(loader.dataset)}
-    if path.exists():
-        return _load_features(path, key)
-    feats = extract_features(backbone, loader, device, **kwargs)
-    torch_save_atomic({"key": key, "feats": feats}, path)
+    feats = _load_features(path, key, log) if path.exists() else None
+    if feats is None:
+        feats = extract_features(backbone, loader, device, **kwargs)
+        torch_save_atomic({"key": key, "feats": feats}, path)
     return feats
 
 
-def _load_features(path: Path, key: dict) -> torch.Tensor:
-    """The saved features at ``path``, refused (StaleRunError) when saved under another key."""
+def _load_features(path: Path, key: dict, log=print) -> torch.Tensor | None:
+    """The saved features at ``path``; None when saved under another key and no trained model
+    used them (to compute again); StaleRunError when one did."""
     saved = load_torch(path, weights_only=False)  # a damaged cache is named, with what to do
     diffs = differences(saved.get("key", {}), key)
-    if diffs:
+    if not diffs:
+        return saved["feats"]
+    if trained(path.parent):
         raise StaleRunError(
-            f"{path} was computed for other images or preprocessing:\n  "
-            + "\n  ".join(diffs)
-            + "\nUse a new RUN_DIR, or RETRAIN this backbone."
+            f"{path} was computed for other images or preprocessing than its trained model "
+            "uses:\n  " + "\n  ".join(diffs) + f"\nNothing was trained. Move {path.parent} out "
+            "of the run folder (that backbone is trained again), or set RUN_DIR to a new folder."
         )
-    return saved["feats"]
+    log(f"{path.name}: computed again ({'; '.join(diffs)}); no model was trained on the old one")
+    return None
 
 
 class _ImagesOf(Dataset):
@@ -273,21 +278,23 @@ def extract_feature_parts(backbone: nn.Module, loaders: dict, device, **kwargs) 
 
 
 def cached_feature_parts(
-    paths: dict, backbone, loaders: dict, device, key: dict | None = None, **kwargs
+    paths: dict, backbone, loaders: dict, device, key: dict | None = None, log=print, **kwargs
 ) -> dict:
     """:func:`cached_features` of several parts (``{part: path}``, ``{part: loader}``), the parts
     not saved yet computed in one pass (:func:`extract_feature_parts`).
 
     Each part keeps its own file, saved atomically, and its own key, ``key`` with ``"part"``
     and ``"rows"`` added: the files and keys :func:`cached_features` writes with ``key={**key,
-    "part": part}``, so each checks and reuses the other's. A saved part with another key stops
-    the run before anything is computed.
+    "part": part}``, so each checks and reuses the other's. A saved part with another key is
+    computed again, or stops the run before anything is computed, as there.
     """
     keys = {part: {**(key or {}), "part": part, "rows": len(loaders[part].dataset)}
             for part in paths}  # fmt: skip
-    out = {
-        part: _load_features(Path(p), keys[part]) for part, p in paths.items() if Path(p).exists()
-    }
+    out = {}
+    for part, p in paths.items():
+        feats = _load_features(Path(p), keys[part], log) if Path(p).exists() else None
+        if feats is not None:
+            out[part] = feats
     todo = {part: loaders[part] for part in paths if part not in out}
     if todo:
         for part, feats in extract_feature_parts(backbone, todo, device, **kwargs).items():

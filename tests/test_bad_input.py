@@ -160,6 +160,7 @@ def test_a_changed_labelled_set_is_named_file_by_file(tmp_path):
     del new[stems[0]]
     new[stems[5]] = "999:5"
     new["000000009999"] = "50:1"
+    files.save_json({}, tmp_path / "models/efficientnet_lite0/result.json")  # a model used it
     with pytest.raises(files.StaleRunError) as err:
         split.load_or_make_split(list(new), Y[: len(new)], path, 0.25, 0, new)
     msg = str(err.value)

@@ -121,6 +121,7 @@ def test_split_file_is_reused_and_checked(tmp_path, demo_root):
     assert path.exists()
     tr2, va2 = split.load_or_make_split(*ds, path, 0.2, seed=0, inventory=inv)  # same: reused
     assert np.array_equal(tr, tr2) and np.array_equal(va, va2)
+    files.save_json({}, tmp_path / "models/efficientnet_lite0/result.json")  # a model used it
     before = path.read_bytes()
     with pytest.raises(files.StaleRunError) as err:  # new settings never silently overridden
         split.load_or_make_split(*ds, path, 0.5, seed=99, inventory=inv)
@@ -128,6 +129,7 @@ def test_split_file_is_reused_and_checked(tmp_path, demo_root):
     assert (
         "seed: 0 -> 99" in msg
         and "val_fraction: 0.2 -> 0.5" in msg
+        and "which efficientnet_lite0 trained on" in msg
         and "RUN_DIR" in msg
         and "retrain" in msg
     )
@@ -139,6 +141,27 @@ def test_split_file_is_reused_and_checked(tmp_path, demo_root):
         split.load_or_make_split(*small, path, 0.2, seed=0, inventory=inv)
     tr3, va3 = split.load_or_make_split(*ds, path, 0.5, seed=99, inventory=inv, replace=True)
     assert abs(len(va3) / len(ds[0]) - 0.5) < 0.05 and json.loads(path.read_text())["seed"] == 99
+
+
+def test_a_split_no_trained_model_used_is_made_again_with_a_note(tmp_path, demo_root):
+    """A failed try's split (the folder holds no checkpoint, no result) never blocks the next
+    try: other settings make a new split, and one line says so."""
+    p = data.data_paths(demo_root)
+    ds = h.COCOTrainImageDataset(p["train_images"], p["train_labels"])
+    ds = (data.stems(ds), data.labels_of(ds))
+    inv = {s: "1:0" for s in ds[0]}
+    path = tmp_path / "split.json"
+    split.load_or_make_split(*ds, path, 0.2, seed=0, inventory=inv)
+    (tmp_path / "models/efficientnet_lite0").mkdir(parents=True)  # settings and caches only:
+    files.save_json({}, tmp_path / "models/efficientnet_lite0/settings.json")  # not trained
+    lines = []
+    tr, va = split.load_or_make_split(*ds, path, 0.25, seed=3, inventory=inv, log=lines.append)
+    saved = json.loads(path.read_text())
+    assert saved["val_fraction"] == 0.25 and saved["seed"] == 3 and len(va) == len(saved["val"])
+    assert len(lines) == 1 and "made again" in lines[0] and "val_fraction: 0.2 -> 0.25" in lines[0]
+    lines.clear()
+    split.load_or_make_split(*ds, path, 0.25, seed=3, inventory=inv, log=lines.append)
+    assert lines == []  # the same settings: reused, nothing said
 
 
 def test_each_side_has_its_own_transform(demo_root):

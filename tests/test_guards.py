@@ -379,6 +379,26 @@ def test_a_second_run_stops_at_once_and_readers_are_told(tmp_path, other_process
     assert note and f"process {pid}" in note and "run this again when it has finished" in note
 
 
+def test_the_split_and_the_check_before_training_take_the_folder(tmp_path, other_process):
+    """A run's first writes take the folder themselves: a second run stops before it writes."""
+    run_dir = tmp_path / "run"
+    stems, Y = [f"{i:012d}" for i in range(20)], np.eye(80)[np.arange(20) % 2]
+    _lock(run_dir, other_process.pid, started=files._process(other_process.pid)[1])
+    with pytest.raises(files.RunFolderBusy):
+        split.load_or_make_split(stems, Y, run_dir / "split.json", 0.5)
+    cfg = {"retrain": [], "run_dir": str(run_dir)}
+    with pytest.raises(files.RunFolderBusy):
+        runs.check_models(run_dir, [], cfg, {})
+    assert sorted(p.name for p in run_dir.iterdir()) == [files.LOCK_NAME]  # nothing written
+    (run_dir / files.LOCK_NAME).unlink()
+    split.load_or_make_split(stems, Y, run_dir / "split.json", 0.5)
+    assert json.loads((run_dir / files.LOCK_NAME).read_text())["pid"] == os.getpid()
+    files.release_run_folder(run_dir)
+    runs.check_models(run_dir, [], {**cfg, "seed": 0}, {})
+    assert json.loads((run_dir / files.LOCK_NAME).read_text())["pid"] == os.getpid()
+    files.release_run_folder(run_dir)
+
+
 @pytest.mark.parametrize("case", ["ended", "id reused", "other server", "unreadable"])
 def test_a_stale_lock_is_taken_over_with_a_note(tmp_path, other_process, case):
     run_dir = tmp_path / "run"
@@ -428,6 +448,51 @@ def test_the_lock_is_released_when_its_holder_exits(tmp_path):
     finally:
         proc.communicate("\n", timeout=30)
     assert proc.returncode == 0 and not (run_dir / files.LOCK_NAME).exists()
+
+
+#: An IPython shell, as a notebook's kernel runs cells: a cell holds the folder and waits for a
+#: line; then the shell idles until another line; then a cell holds it and fails.
+SHELL = """
+import sys
+from IPython.core.interactiveshell import InteractiveShell
+
+shell = InteractiveShell.instance()
+shell.run_cell("from cocochallenge import files, split")
+cell = f"files.hold_run_folder({sys.argv[1]!r})\\nprint('cell runs', flush=True)\\n_ = input()"
+shell.run_cell(cell)
+print("idle", flush=True)
+input()
+shell.run_cell(f"files.hold_run_folder({sys.argv[1]!r})\\n1 / 0")
+print("idle after an error", flush=True)
+input()
+"""
+
+
+def test_a_kernel_holds_the_folder_while_a_cell_runs_not_while_it_idles(tmp_path):
+    """The analysis and the hand-in say that a run still works while a training cell runs, never
+    because a notebook's kernel is open; a second run stops only while that cell runs."""
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "IPYTHONDIR": str(tmp_path / "ipython")}
+    proc = subprocess.Popen([sys.executable, "-c", SHELL, str(run_dir)], cwd=ROOT, text=True,
+                            env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE)  # fmt: skip
+    try:
+        assert proc.stdout.readline() == "cell runs\n"
+        assert f"process {proc.pid} " in (files.held_note(run_dir) or "")
+        with pytest.raises(files.RunFolderBusy):
+            files.hold_run_folder(run_dir)
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline() == "idle\n"
+        assert files.held_note(run_dir) is None and not (run_dir / files.LOCK_NAME).exists()
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        said = iter(proc.stdout.readline, "")  # the error's traceback comes first
+        assert "idle after an error\n" in said
+        assert files.hold_run_folder(run_dir) is True  # free: this process takes it
+        files.release_run_folder(run_dir)
+    finally:
+        proc.communicate("\n", timeout=30)
+    assert proc.returncode == 0
 
 
 def test_run_py_refuses_an_empty_data_root_and_gives_demo_data_by_name(capsys):

@@ -1,6 +1,8 @@
 """The Moodle zip: written only for a clean run, never with checkpoints or logs."""
 
 import json
+import os
+import time
 import zipfile
 
 import pytest
@@ -11,8 +13,10 @@ pytestmark = pytest.mark.quick
 
 
 def _notebook(path, run_dir, counts=(1, 2, 3), error=False):
+    """A notebook of ``len(counts)`` code cells, ``step(1)``, ``step(2)``, ..., with those
+    execution counts, then the hand-in cell."""
     cells = []
-    for n in counts:
+    for i, n in enumerate(counts, 1):
         outs = [{"output_type": "stream", "name": "stdout", "text": [f"run folder: {run_dir}\n"]}]
         if error and n == counts[-1]:
             outs.append(
@@ -24,7 +28,7 @@ def _notebook(path, run_dir, counts=(1, 2, 3), error=False):
                 "execution_count": n,
                 "metadata": {},
                 "outputs": outs,
-                "source": [],
+                "source": [f"step({i})"],
             }
         )
     cells.append(
@@ -147,3 +151,112 @@ def test_a_blank_team_block_and_prose_of_another_run_are_warned_about(run):
     lines = []
     handin.pack(run, log=lines.append)
     assert sum(line.startswith("WARNING") for line in lines) == 1  # only the prose now
+
+
+HANDIN = "handin.pack(RUN, notebook='analysis.ipynb')"
+
+
+def _team(run, tmp_path):
+    """The project folder the team runs in JupyterLab: both notebooks run and saved there after
+    the run's results, and older executed copies of run.py in the run folder."""
+    project = tmp_path / "project"
+    project.mkdir()
+    for name in ("challenge.ipynb", "analysis.ipynb"):
+        _notebook(run / name, run, counts=(1, 2, 3, 4))  # run.py's, from an earlier run
+        os.utime(run / name, (time.time() - 7200, time.time() - 7200))
+        _notebook(project / name, run)
+    return project
+
+
+RESTART = "Kernel > Restart Kernel and Run All Cells, then File > Save, then run this cell again"
+SAVE = "(a kernel cannot save its own notebook): File > Save, then run this cell again"
+RAN = ["", "step(1)", "step(2)", "step(3)", HANDIN]  # the kernel's cells, the running one last
+
+
+@pytest.mark.parametrize(
+    "history,counts,age,expected",
+    [
+        (RAN, (1, 2, 3), 0, None),
+        (RAN + [HANDIN], (1, 2, 3), 0, None),  # the hand-in cell again, after a refusal
+        (RAN, (1, None, None), 0, SAVE),  # saved while the cells ran (JupyterLab's autosave)
+        (RAN, (1, 2, 3), 1e9, SAVE),  # saved before this kernel started: another run's
+        (RAN, (5, 6, 7), 1e9, SAVE),
+        (RAN, (5, 6, 7), 0, SAVE + " (if this repeats: " + RESTART.split(", then run")[0]),
+        (["", "step(1)", "step(3)", "step(2)", HANDIN], (1, 3, 2), 0, RESTART),
+        (["", "step(1)", "step(2)", "step(2)", "step(3)", HANDIN], (1, 2, 3), 0, RESTART),
+        (["", "step(1)", "step(2)", "step(3)", "step(9)", HANDIN], (1, 2, 3), 0, RESTART),
+    ],
+)
+def test_packed_from_a_cell_the_saved_notebook_is_this_kernels_run(
+    run, tmp_path, history, counts, age, expected
+):
+    """A kernel cannot save its notebook: the hand-in cell packs the saved file only when it
+    holds what this kernel ran above it (in order, once each, counts 1..n, saved since the
+    kernel started), else it names the one step: File > Save, or a run top to bottom first."""
+    project = _team(run, tmp_path)
+    analysis = project / "analysis.ipynb"
+    _notebook(analysis, run, counts=counts)
+    os.utime(analysis, (time.time() - age, time.time() - age))  # saved before the kernel began
+    for path in (project / "challenge.ipynb", analysis):  # the challenge notebook: saved last
+        os.utime(path, (os.stat(path).st_atime, os.stat(path).st_mtime + 1))
+    lines = []
+    out = handin.pack(run, project=project, log=lines.append, notebook=analysis, history=history)
+    if expected is None:
+        assert out is not None, lines
+        zipped = zipfile.ZipFile(out)
+        assert json.loads(zipped.read("analysis.ipynb")) == json.loads(analysis.read_text())
+        assert any(str(analysis) in line and "analysis.ipynb" in line for line in lines)
+    else:
+        assert out is None and not (run / "handin.zip").exists()
+        refusal = "\n".join(lines)
+        assert expected in refusal, refusal
+        assert (expected == RESTART) == ("Restart" in refusal.split("(if this repeats")[0])
+        assert "not run top to bottom" not in refusal  # the kernel's one step, not two
+
+
+def test_packed_from_a_cell_the_challenge_notebook_is_saved_after_the_results(run, tmp_path):
+    """Run all in challenge.ipynb, not saved: its file shows an earlier run. Where run.py ran it
+    later, its executed copy in the run folder is the one that made the results."""
+    project = _team(run, tmp_path)
+    old = time.time() - 3600
+    os.utime(project / "challenge.ipynb", (old, old))
+    history = ["", "step(1)", "step(2)", "step(3)", HANDIN]
+    lines = []
+    assert handin.pack(run, project=project, log=lines.append,
+                       notebook=project / "analysis.ipynb", history=history) is None  # fmt: skip
+    said = [line for line in lines if "saved before the run's results" in line]
+    assert said and "File > Save, then run this cell again" in said[0], lines
+    (run / "challenge.ipynb").touch()  # run.py's executed copy, written after the results
+    lines = []
+    out = handin.pack(run, project=project, log=lines.append,
+                      notebook=project / "analysis.ipynb", history=history)  # fmt: skip
+    assert out is not None, lines
+    packed = json.loads(zipfile.ZipFile(out).read("challenge.ipynb"))
+    assert packed == json.loads((run / "challenge.ipynb").read_text())
+
+
+def test_the_hand_in_cell_reads_its_kernels_own_history(run, tmp_path, monkeypatch):
+    """In an IPython shell, as in a notebook's kernel: the cells it ran are the history."""
+    from IPython.core.interactiveshell import InteractiveShell
+    from traitlets.config import Config
+
+    project = _team(run, tmp_path)
+    os.utime(project / "challenge.ipynb", (time.time() + 5, time.time() + 5))
+    monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
+    config = Config()
+    config.HistoryManager.hist_file = ":memory:"  # nothing written at this process's exit
+    shell = InteractiveShell.instance(config=config)
+    try:
+        shell.user_ns.update(step=lambda i: i, handin=handin, RUN=run, lines=[])
+        monkeypatch.chdir(project)
+        for i in (1, 2, 3):
+            shell.run_cell(f"step({i})", store_history=True)
+        shell.run_cell("out = handin.pack(RUN, notebook='analysis.ipynb', log=lines.append)",
+                       store_history=True)  # fmt: skip
+        assert shell.user_ns["out"] is not None, shell.user_ns["lines"]
+        shell.run_cell("step(3)", store_history=True)  # one cell more: not the saved run
+        shell.run_cell("out = handin.pack(RUN, notebook='analysis.ipynb', log=lines.append)",
+                       store_history=True)  # fmt: skip
+        assert shell.user_ns["out"] is None and "Restart Kernel" in shell.user_ns["lines"][-1]
+    finally:
+        InteractiveShell.clear_instance()

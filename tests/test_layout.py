@@ -131,41 +131,6 @@ def test_helpers_differs_from_the_handout_only_where_a_completion_is_marked():
     assert changed < 0.5 * len(new), changed  # mostly the handout's own lines
 
 
-def test_notebook_cells_are_short_and_the_loop_is_in_sight():
-    code = _cells("challenge.ipynb")
-    longest = max(len(c.splitlines()) for c in code if not c.startswith("# data and run folder"))
-    assert longest <= 24, longest
-    text = "\n".join(code)
-    for piece in (
-        "h.train_loop(",
-        "h.validation_loop(",
-        "h.update_graphs(",
-        "ckpt.save(",
-        "ckpt.resume(",
-        "freeze_backbone(",
-        "param_groups(",
-        "warmup_cosine(",
-        "for name in BACKBONES",
-        "h.COCOTrainImageDataset(",
-        "h.COCOTestImageDataset(",
-    ):
-        assert piece in text, piece
-
-
-def test_parameters_cell_holds_at_most_15_settings():
-    cell = next(c for c in _cells("challenge.ipynb") if c.startswith("# data and run folder"))
-    names = [n.targets[0].id for n in ast.parse(cell).body if isinstance(n, ast.Assign)]
-    assert len(names) <= 15 and len(set(names)) == len(names), names
-    assert all(line.startswith("#") or " = " in line for line in cell.splitlines() if line)
-
-
-@pytest.mark.parametrize("name", NOTEBOOKS)
-def test_notebook_lines_fit_a_jupyterlab_cell(name):
-    long = [line for c in _cells(name) + _cells(name, "markdown") for line in c.splitlines()
-            if len(line) > 100]  # fmt: skip
-    assert not long, long[:3]
-
-
 def test_fine_tuning_starts_from_the_best_frozen_head_of_the_better_head():
     """The notebook's `train_frozen`, run on stand-ins: each head's phase 1 leaves its last
     epoch's weights in the model; the head with the higher best validation mAP must be kept,
@@ -216,29 +181,6 @@ def test_fine_tuning_starts_from_the_best_frozen_head_of_the_better_head():
     assert kind == "linear" and tried == best and len(model.head) == 1
     for key, value in model.head.state_dict().items():
         assert torch.equal(value, weights["linear"][key]), "the kept head is not at its best epoch"
-
-
-def test_notebooks_store_the_kernel_name_jupyterlab_writes():
-    """Opened in JupyterLab, a notebook stored as "Python 3" is rewritten (and marked modified)."""
-    import run
-
-    for name in NOTEBOOKS:
-        spec = json.loads((ROOT / name).read_text())["metadata"]["kernelspec"]
-        assert (
-            spec
-            == run.KERNELSPEC
-            == {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}
-        ), name
-
-
-@pytest.mark.parametrize("name", NOTEBOOKS)
-def test_committed_notebooks_show_no_folder_of_the_machine_that_ran_them(name):
-    """Outputs and metadata name the run's folders relative to the repository: a handed-in
-    notebook shows neither the author's home nor a temporary folder."""
-    nb = json.loads((ROOT / name).read_text())
-    saved = json.dumps([c.get("outputs", []) for c in nb["cells"]]) + json.dumps(nb["metadata"])
-    for folder in (str(ROOT), str(ROOT.parent), "/tmp/"):
-        assert folder not in saved, folder
 
 
 def test_run_py_takes_the_cpu_recipe_only_with_data_no_gpu_and_no_backbone():
@@ -295,64 +237,22 @@ def test_no_file_edits_the_import_path():
     assert [p.name for p in files if edit in p.read_text()] == []
 
 
-def test_ruff_is_clean_on_the_code_and_the_notebooks():
-    """The style pyproject.toml declares: `ruff check`, `ruff format --check`, 100 columns."""
+def test_ruff_is_clean_on_the_code():
+    """The style pyproject.toml declares: `ruff check`, `ruff format --check`, 100 columns. The
+    notebooks' cells are a team's to edit: test_committed_notebooks.py checks the committed ones."""
     for args in (["check", "."], ["format", "--check", "."]):
-        out = subprocess.run(
-            [sys.executable, "-m", "ruff", *args],
-            cwd=ROOT,
-            check=False,
-            capture_output=True,
-            text=True,
-        )
+        out = subprocess.run([sys.executable, "-m", "ruff", *args, "--extend-exclude", "*.ipynb"],
+                             cwd=ROOT, check=False, capture_output=True, text=True)  # fmt: skip
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
 
 
-@pytest.mark.parametrize("pair", [("challenge.ipynb", "1_challenge.ipynb"),
-                                  ("analysis.ipynb", "2_analysis.ipynb")])  # fmt: skip
-def test_nbval_copies_run_the_notebooks_own_code(pair):
-    """nbval runs tests/nbval/ (references of the demo configuration): their cells must be the
-    notebooks' cells, or the suite would check code nobody runs (tools/nbval_references.py)."""
-    source, copy = pair
-    mine = [
-        (c["cell_type"], "".join(c["source"]))
-        for c in json.loads((ROOT / source).read_text())["cells"]
-    ]
-    nb = json.loads((ROOT / "tests" / "nbval" / copy).read_text())
-    theirs = [(c["cell_type"], "".join(c["source"])) for c in nb["cells"]]
-    assert mine == theirs, f"tests/nbval/{copy} is stale: run python tools/nbval_references.py"
-
-
-@pytest.mark.parametrize("name", NOTEBOOKS)
-def test_the_prose_quotes_only_numbers_its_outputs_show(name):
-    """The team's readings in the committed notebooks (cells tagged team-reading: at most five
-    in both, the analysis' conclusions among them) quote only numbers their outputs show
-    (report.unbacked_numbers, which the hand-in also runs); no other markdown cell reads a run."""
-    from cocochallenge import report
-
-    nb = json.loads((ROOT / name).read_text())
-    reading = [c for c in nb["cells"] if report.is_reading(c)]
-    assert len(reading) <= (0 if name == "challenge.ipynb" else 5)
-    assert name == "challenge.ipynb" or any("Conclusions" in "".join(c["source"]) for c in reading)
-    assert report.unbacked_numbers(nb) == []
-    stamps = [c for c in nb["cells"] if "In this run" in "".join(c["source"])]
-    assert not stamps
-
-
-@pytest.mark.parametrize("name", NOTEBOOKS)
-def test_committed_notebooks_hold_no_injected_parameters(name):
+def test_run_py_removes_the_injected_cell_and_numbers_the_cells_again(tmp_path):
     """papermill's injected cell would sit under the parameters cell and override a student's
-    edit of it; run.py --update-notebooks removes it when it copies a run's notebooks."""
+    edit of it: run.py --update-notebooks removes it, and the counts read 1..n again."""
     import nbformat
 
     import run
 
-    cells = json.loads((ROOT / name).read_text())["cells"]
-    tags = [t for c in cells for t in c.get("metadata", {}).get("tags", [])]
-    assert "injected-parameters" not in tags and tags.count("parameters") == 1
-    counts = [c["execution_count"] for c in cells if c["cell_type"] == "code"]
-    ran = [n for n in counts if n is not None]
-    assert ran == list(range(1, len(ran) + 1)), counts  # one run, top to bottom
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell("A = 1", metadata={"tags": ["parameters"]}),
                 nbformat.v4.new_code_cell("# Parameters\nA = 2",
@@ -362,17 +262,13 @@ def test_committed_notebooks_hold_no_injected_parameters(name):
         cell.execution_count = count
     nb.cells[2].outputs = [nbformat.v4.new_output("execute_result", {"text/plain": "1"},
                                                   execution_count=3)]  # fmt: skip
-    path = ROOT / "runs" / "_injected_test.ipynb"
-    path.parent.mkdir(exist_ok=True)
-    try:
-        nbformat.write(nb, path)
-        run.without_injected_cell(path)
-        cells = nbformat.read(path, as_version=4).cells
-        assert [c.source for c in cells] == ["A = 1", "A"]
-        assert [c.execution_count for c in cells] == [1, 2]  # the hand-in's 1..n
-        assert cells[1].outputs[0]["execution_count"] == 2
-    finally:
-        path.unlink(missing_ok=True)
+    path = tmp_path / "injected.ipynb"
+    nbformat.write(nb, path)
+    run.without_injected_cell(path)
+    cells = nbformat.read(path, as_version=4).cells
+    assert [c.source for c in cells] == ["A = 1", "A"]
+    assert [c.execution_count for c in cells] == [1, 2]  # the hand-in's 1..n
+    assert cells[1].outputs[0]["execution_count"] == 2
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)

@@ -365,6 +365,53 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, demo_root):
     assert "efficientnet_lite0: done" in out.stdout
 
 
+def test_an_idle_challenge_kernel_holds_nothing_and_a_writing_cell_holds_the_folder(
+    tmp_path, demo_root
+):
+    """A real kernel runs challenge.ipynb's cells up to its split, then idles: the analysis's
+    note (files.held_note) says nothing. While a cell that writes results runs (here one that
+    takes the hold, as each writing cell does, and waits), the note names the kernel and a
+    second run stops; when the cell ends, the folder is free again."""
+    from jupyter_client import KernelManager
+
+    run_dir, go = tmp_path / "run", tmp_path / "go"
+    env = {**_driver(tmp_path, demo_root, run_dir)["env"], "IPYTHONDIR": str(tmp_path / "ipy")}
+    cells = []
+    for cell in json.loads((ROOT / "challenge.ipynb").read_text())["cells"]:
+        if cell["cell_type"] == "code" and "nbval-skip" not in cell["metadata"].get("tags", []):
+            cells.append("".join(cell["source"]))
+        if "load_or_make_split(" in "".join(cell["source"]):
+            break
+    km = KernelManager(kernel_name="python3")
+    km.start_kernel(cwd=str(ROOT), env=env)
+    kc = km.client()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=120)
+        for source in cells:
+            reply = kc.execute_interactive(source, timeout=300, output_hook=lambda msg: None)
+            assert reply["content"]["status"] == "ok", (source[:80], reply["content"])
+        assert (run_dir / "split.json").exists()
+        assert files.held_note(run_dir) is None and not (run_dir / files.LOCK_NAME).exists()
+        waiting = (f"files.hold_run_folder(run_dir)\nwhile not Path({str(go)!r}).exists():\n"
+                   "    time.sleep(0.05)")  # fmt: skip
+        msg_id = kc.execute(waiting)
+        deadline = time.time() + 60
+        while not (run_dir / files.LOCK_NAME).exists() and time.time() < deadline:
+            time.sleep(0.05)
+        note = files.held_note(run_dir)
+        assert note and "a training run still works" in note and "a notebook's kernel" in note
+        with pytest.raises(files.RunFolderBusy):
+            files.hold_run_folder(run_dir)
+        go.touch()
+        while kc.get_shell_msg(timeout=60)["parent_header"].get("msg_id") != msg_id:
+            pass
+        assert files.held_note(run_dir) is None and not (run_dir / files.LOCK_NAME).exists()
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+
+
 def test_notebook_stops_before_training_on_changed_settings(tmp_path, demo_root):
     """The notebook's own cells: a changed training setting stops the run with the list of
     differences and leaves config.json as it was; a changed after-training setting reuses."""

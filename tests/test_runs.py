@@ -96,13 +96,92 @@ def test_same_settings_reuse_and_resume(tmp_path):
 
 def test_retrain_switch_moves_old_files_aside_not_away(tmp_path):
     folder = _trained(tmp_path)
+    (tmp_path / "tensorboard/efficientnet_lite0").mkdir(parents=True)  # the old curves go too
     lines = []
-    assert (
-        runs.check_model(tmp_path, _settings(lr_head=1e-2), retrain=True, log=lines.append) == "new"
-    )
-    assert not folder.exists()
+    status = runs.check_model(tmp_path, _settings(lr_head=1e-2), retrain=True, log=lines.append)
+    assert status == "retrain" and not folder.exists()
     kept = list((tmp_path / "replaced").glob("*/models/efficientnet_lite0/result.json"))
     assert len(kept) == 1 and any("moved aside" in line for line in lines)
+    assert not (tmp_path / "tensorboard/efficientnet_lite0").exists()
+
+
+def test_retrain_does_nothing_to_a_model_of_these_settings(tmp_path):
+    """Left in the parameters, `retrain` would train finished models again at every run."""
+    folder = _trained(tmp_path, finished=False)
+    assert runs.check_model(tmp_path, _settings(), retrain=True) == "resume"
+    assert (folder / "frozen_last.pt").exists() and not (tmp_path / "replaced").exists()
+
+
+def test_a_folder_with_no_trained_epoch_is_made_again_without_asking(tmp_path):
+    """A failed try left settings.json and a feature cache, no checkpoint: other settings start
+    it again, said in one line; nothing is kept aside."""
+    folder = tmp_path / "models" / "efficientnet_lite0"
+    files.save_json(_settings(img_size=96), folder / "settings.json")
+    torch.save({"key": {}, "feats": torch.zeros(2, 3)}, folder / "features_train.pt")
+    (tmp_path / "tensorboard/efficientnet_lite0").mkdir(parents=True)
+    lines = []
+    assert runs.check_model(tmp_path, _settings(), log=lines.append) == "new"
+    assert not folder.exists() and not (tmp_path / "tensorboard/efficientnet_lite0").exists()
+    assert (
+        len(lines) == 1 and "no epoch was trained" in lines[0] and "img_size: 96 -> 64" in lines[0]
+    )
+    assert not (tmp_path / "replaced").exists()
+
+
+def _try(run_dir, demo_root, val_fraction, retrain=(), log=None, **change):
+    """One try of challenge.ipynb up to its training loop, as its cells call the library: the
+    split, the digests, the check of every backbone (status, settings)."""
+    import helpers as h
+    from cocochallenge import data
+
+    paths = data.data_paths(demo_root)
+    train_set = h.COCOTrainImageDataset(paths["train_images"], paths["train_labels"])
+    test_set = h.COCOTestImageDataset(paths["test_images"])
+    Y = data.labels_of(train_set)
+    cfg = {**CFG, "run_dir": str(run_dir), "retrain": list(retrain), "frozen_only": [], **change}
+    log = log if log is not None else print
+    inventory = data.inventory(train_set, Y)
+    split.load_or_make_split(data.stems(train_set), Y, run_dir / "split.json", val_fraction, 0,
+                             inventory, replace="all" in cfg["retrain"], log=log)  # fmt: skip
+    ids = runs.run_ids(run_dir, inventory, test_set)
+    return runs.check_models(run_dir, ["efficientnet_lite0"], cfg, ids, log=log)[0]
+
+
+def test_a_failed_try_never_blocks_the_next_and_retrain_applies_once(tmp_path, demo_root):
+    run_dir = tmp_path / "run"
+    lite0 = run_dir / "models" / "efficientnet_lite0"
+    # 1st try: stops after the split (a network whose weights cannot be had)
+    split.load_or_make_split([f"{i}" for i in range(40)], np.eye(80)[np.arange(40) % 4],
+                             run_dir / "split.json", 0.5, 0)  # fmt: skip
+    # 2nd try: stops in its first epoch, after the check wrote settings.json and a feature cache
+    assert _try(run_dir, demo_root, 0.2) == {"efficientnet_lite0": "new"}
+    torch.save({"key": {}, "feats": torch.zeros(2, 3)}, lite0 / "features_train.pt")
+    # 3rd try, other settings and another VAL_FRACTION, no retrain: it trains
+    lines = []
+    status = _try(run_dir, demo_root, 0.25, log=lines.append, img_size=96, epochs_finetune=3)
+    assert status == {"efficientnet_lite0": "new"}, lines
+    assert any(line.startswith("split.json: made again") for line in lines)
+    assert any("no epoch was trained with its old settings" in line for line in lines)
+    saved = json.loads((lite0 / "settings.json").read_text())
+    split_id = json.loads((run_dir / "split.json").read_text())["id"]
+    assert saved["img_size"] == 96 and saved["split"] == split_id
+    assert not (lite0 / "features_train.pt").exists()
+    torch.save({"epoch": 0}, lite0 / "frozen_last.pt")  # it trained an epoch
+    # 4th try: a model trained on this split: another VAL_FRACTION would mix results, and stops
+    with pytest.raises(files.StaleRunError, match="efficientnet_lite0 trained on"):
+        _try(run_dir, demo_root, 0.3, img_size=96, epochs_finetune=3)
+    assert json.loads((run_dir / "split.json").read_text())["id"] == split_id
+    # ... unless retrain says so, for this run
+    status = _try(run_dir, demo_root, 0.3, ["all"], img_size=96, epochs_finetune=3)
+    assert status == {"efficientnet_lite0": "retrain"} and not (lite0 / "frozen_last.pt").exists()
+    torch.save({"epoch": 0}, lite0 / "frozen_last.pt")
+    # 5th try, retrain left in: nothing is moved aside again, and the run says to remove it
+    lines = []
+    status = _try(run_dir, demo_root, 0.3, ["all"], log=lines.append, img_size=96,
+                  epochs_finetune=3)  # fmt: skip
+    assert status == {"efficientnet_lite0": "resume"} and (lite0 / "frozen_last.pt").exists()
+    assert [line for line in lines if "remove it from OPTIONS" in line], lines
+    assert len(list((run_dir / "replaced").iterdir())) == 1
 
 
 def test_after_training_settings_are_not_training_settings():
@@ -134,6 +213,7 @@ def test_feature_cache_is_keyed_not_counted(tmp_path):
     f1 = training.cached_features(path, _Backbone(), loader, "cpu", key=key, show_progress=False)
     f2 = training.cached_features(path, _Backbone(), loader, "cpu", key=key, show_progress=False)
     assert torch.equal(f1, f2)
+    torch.save({"epoch": 0}, tmp_path / "frozen_last.pt")  # a model was trained on them
     for change in ({"images": "split2"}, {"size": 96}, {"pad": False}, {"mean": [0.4] * 3}):
         with pytest.raises(
             files.StaleRunError, match=next(iter(change))
@@ -141,8 +221,14 @@ def test_feature_cache_is_keyed_not_counted(tmp_path):
             training.cached_features(
                 path, _Backbone(), loader, "cpu", key={**key, **change}, show_progress=False
             )
-    torch.save(torch.load(path, weights_only=False), path)  # untouched by the refusals
-    assert torch.equal(torch.load(path, weights_only=False)["feats"], f1)
+    assert torch.equal(torch.load(path, weights_only=False)["feats"], f1)  # untouched
+    (tmp_path / "frozen_last.pt").unlink()  # a failed try's cache: computed again, said once
+    lines = []
+    new = {**key, "images": "split2"}
+    training.cached_features(path, _Backbone(), loader, "cpu", key=new, log=lines.append,
+                             show_progress=False)  # fmt: skip
+    assert torch.load(path, weights_only=False)["key"]["images"] == "split2"
+    assert len(lines) == 1 and "computed again (images: 'split1' -> 'split2')" in lines[0]
 
 
 def test_ensemble_refuses_models_validated_on_other_images(tmp_path):

@@ -223,11 +223,16 @@ def test_feature_parts_compute_only_the_missing_part_and_refuse_a_stale_one(tmp_
     assert backbone.batches == [3]  # the test part only: the train part was read back
     paths["test"].unlink()
     backbone = _Recorder()
+    torch.save({"epoch": 0}, tmp_path / "frozen_last.pt")  # a model was trained on them
     with pytest.raises(files.StaleRunError, match="split2"):
         training.cached_feature_parts(
             paths, backbone, loaders, "cpu", key={**key, "images": "split2"}, show_progress=False
         )
     assert backbone.batches == [] and not paths["test"].exists()  # refused before computing
+    (tmp_path / "frozen_last.pt").unlink()  # no model was: both parts computed again
+    training.cached_feature_parts(paths, backbone, loaders, "cpu", key={**key, "images": "split2"},
+                                  log=lambda line: None, show_progress=False)  # fmt: skip
+    assert backbone.batches == [4, 4, 1]
 
 
 def test_one_pass_loader_keeps_the_workers_and_refuses_a_shuffled_loader():
