@@ -198,16 +198,18 @@ def cached_features(
     path = Path(path)
     key = {**(key or {}), "rows": len(loader.dataset)}
     if path.exists():
-        return _load_features(path, key)
+        return load_features(path, key)
     feats = extract_features(backbone, loader, device, **kwargs)
     torch_save_atomic({"key": key, "feats": feats}, path)
     return feats
 
 
-def _load_features(path: Path, key: dict) -> torch.Tensor:
-    """The saved features at ``path``, refused (StaleRunError) when saved under another key."""
-    saved = load_torch(path, weights_only=False)  # a damaged cache is named, with what to do
-    diffs = differences(saved.get("key", {}), key)
+def load_features(path: Path | str, key: dict | None = None) -> torch.Tensor:
+    """The features :func:`cached_features` saved at ``path``; a damaged file is named
+    (:class:`~cocochallenge.files.CorruptFile`), one saved under another ``key`` is stale
+    (:class:`~cocochallenge.files.StaleRunError`)."""
+    saved = load_torch(path)
+    diffs = differences(saved.get("key", {}), key) if key is not None else []
     if diffs:
         raise StaleRunError(
             f"{path} was computed for other images or preprocessing:\n  "
@@ -285,9 +287,7 @@ def cached_feature_parts(
     """
     keys = {part: {**(key or {}), "part": part, "rows": len(loaders[part].dataset)}
             for part in paths}  # fmt: skip
-    out = {
-        part: _load_features(Path(p), keys[part]) for part, p in paths.items() if Path(p).exists()
-    }
+    out = {part: load_features(p, keys[part]) for part, p in paths.items() if Path(p).exists()}
     todo = {part: loaders[part] for part in paths if part not in out}
     if todo:
         for part, feats in extract_feature_parts(backbone, todo, device, **kwargs).items():
