@@ -1,8 +1,9 @@
 """Run-folder files: atomic writes, readable damage, one run per folder, and the check that
 what is on disk matches the settings.
 
-A crash or a kill never leaves a half-written artifact that a later run reads; a full disk, a
-read-only folder or a damaged file is said in one sentence that names the file; two training
+A crash, a kill or a full disk never leaves a half-written artifact that a later run reads; a
+full disk, a read-only folder or a damaged file is said in one sentence that names the file;
+reading a file of the run folder never runs code (torch files are read weights-only); two training
 runs never share a folder; an artifact made with other settings is reported, never silently
 reused.
 """
@@ -149,7 +150,9 @@ def load_json(path: Path | str):
 
 
 def load_npz(path: Path | str) -> dict:
-    """Every array of an ``.npz`` file (saved scores); a damaged one is a :class:`CorruptFile`."""
+    """Every array of an ``.npz`` file (saved scores); a damaged one is a :class:`CorruptFile`.
+
+    A cut or a changed byte is found by zip's CRC-32 of each array, which NumPy checks."""
     import zipfile
     import zlib
 
