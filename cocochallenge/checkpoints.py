@@ -25,20 +25,30 @@ def seed_epoch(seed: int, epoch: int) -> None:
 
 
 def _rng_state() -> dict:
+    """Every generator's state as tensors, numbers and lists: what a checkpoint may hold."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
     return {
         "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
+        "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
+        "python": [version, list(internal), gauss_next],
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
 
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def best_epoch(folder: Path | str, phase: str) -> int:
+    """The best epoch (1-based) of ``<folder>/<phase>_last.pt``: where a refit stops."""
+    return int(load_torch(Path(folder) / f"{phase}_last.pt")["best_epoch"])
 
 
 class PhaseCheckpoint:
@@ -62,7 +72,7 @@ class PhaseCheckpoint:
         """Load the last complete epoch if there is one; return the epoch to start from."""
         if not self.last_path.exists():
             return 0
-        ckpt = load_torch(self.last_path, weights_only=False)
+        ckpt = load_torch(self.last_path)
         for name, obj in self.state.items():
             if obj is not None and ckpt["state"].get(name) is not None:
                 obj.load_state_dict(ckpt["state"][name])
@@ -85,10 +95,10 @@ class PhaseCheckpoint:
         self.history.append(row)
         improved = score > self.best
         if improved:
-            self.best, self.best_epoch = score, epoch + 1
+            self.best, self.best_epoch = float(score), epoch + 1
             module = best_module if best_module is not None else self.state["model"]
             probs = None if val_probs is None else torch.as_tensor(val_probs)
-            best = {"model": module.state_dict(), "epoch": epoch + 1, "score": score,
+            best = {"model": module.state_dict(), "epoch": epoch + 1, "score": self.best,
                     "val_probs": probs}  # fmt: skip
             torch_save_atomic(best, self.best_path)
         torch_save_atomic(
@@ -132,7 +142,8 @@ def epoch_row(
 
     ``ema`` holds the validation of the weights' moving average, when there is one.
     """
-    scalars = lambda d: {k: v for k, v in (d or {}).items() if isinstance(v, (int, float))}  # noqa: E731
+    scalars = lambda d: {k: float(v) if isinstance(v, float) else v  # noqa: E731 (NumPy's too)
+                         for k, v in (d or {}).items() if isinstance(v, (int, float))}  # fmt: skip
     return {
         "phase": phase,
         "epoch": epoch + 1,

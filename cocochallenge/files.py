@@ -1,8 +1,9 @@
 """Run-folder files: atomic writes, readable damage, one run per folder, and the check that
 what is on disk matches the settings.
 
-A crash or a kill never leaves a half-written artifact that a later run reads; a full disk, a
-read-only folder or a damaged file is said in one sentence that names the file; two training
+A crash, a kill or a full disk never leaves a half-written artifact that a later run reads; a
+full disk, a read-only folder or a damaged file is said in one sentence that names the file;
+reading a file of the run folder never runs code (torch files are read weights-only); two training
 runs never share a folder; an artifact made with other settings is reported, never silently
 reused.
 """
@@ -18,6 +19,8 @@ import socket
 import sys
 import tempfile
 import time
+import zlib
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -116,14 +119,18 @@ class CorruptFile(SaysWhatToDo, ValueError):
     """A file of the run folder that cannot be read back (cut off, overwritten, edited)."""
 
 
-def corrupt_file(path: Path | str, err: Exception) -> CorruptFile:
+def corrupt_file(path: Path | str, err: Exception | str) -> CorruptFile:
     """The :class:`CorruptFile` for ``path``: which file, why, and how the run makes it again.
 
-    A file of one model (``models/<name>/...``) goes with the others of that model: the model
-    is trained again. Any other file of the run folder the challenge notebook writes anew.
+    ``err`` is the error that reading it raised, or what is wrong with it in words ("is
+    damaged (...): ..."). A file of one model (``models/<name>/...``) goes with the others of
+    that model: the model is trained again. Any other file of the run folder the challenge
+    notebook writes anew.
     """
     path = Path(path)
-    why = f"{type(err).__name__}: {str(err).split('. ')[0][:100]}"
+    if not isinstance(err, str):
+        why = f"{type(err).__name__}: {str(err).split('. ')[0][:100]}"
+        err = f"is damaged ({why}): it was cut off or overwritten"
     parts = path.parts
     if "models" in parts[:-2]:
         folder = Path(*parts[: parts.index("models") + 2])
@@ -131,8 +138,7 @@ def corrupt_file(path: Path | str, err: Exception) -> CorruptFile:
                f"again: {folder.name} is trained again")  # fmt: skip
     else:
         fix = "move it out of the run folder, then run the challenge notebook: it writes it anew"
-    return CorruptFile(f"{path} is damaged ({why}): it was cut off or overwritten. To make it "
-                       f"again, {fix}.")  # fmt: skip
+    return CorruptFile(f"{path} {err}. To make it again, {fix}.")
 
 
 def load_json(path: Path | str):
@@ -144,7 +150,9 @@ def load_json(path: Path | str):
 
 
 def load_npz(path: Path | str) -> dict:
-    """Every array of an ``.npz`` file (saved scores); a damaged one is a :class:`CorruptFile`."""
+    """Every array of an ``.npz`` file (saved scores); a damaged one is a :class:`CorruptFile`.
+
+    A cut or a changed byte is found by zip's CRC-32 of each array, which NumPy checks."""
     import zipfile
     import zlib
 
@@ -155,26 +163,106 @@ def load_npz(path: Path | str) -> dict:
         raise corrupt_file(path, err) from None
 
 
-def load_torch(path: Path | str, weights_only: bool = True):
-    """``torch.load`` on the CPU; a damaged checkpoint is a :class:`CorruptFile`."""
+# ---- torch files: plain data, with their size and checksum --------------------------------------
+#: The last line of every ``.pt`` file the project writes: the size and CRC-32 of the bytes
+#: above it. torch reads past a cut (any error, or none) and past changed bytes (it does not
+#: check its zip's own CRC-32s): the line names both before torch reads anything.
+_MARK = b"\n-- cocochallenge: size and CRC-32 of the bytes above: "
+_SUM = "%016x %08x\n"
+_TAIL = len(_MARK) + len(_SUM % (0, 0))
+
+
+def load_torch(path: Path | str):
+    """A file :func:`torch_save_atomic` wrote, on the CPU; anything else is a :class:`CorruptFile`.
+
+    Its size and checksum are checked first; then ``weights_only`` unpickles tensors, numbers,
+    strings and plain containers only: a file of the run folder never runs code (run folders
+    are copied and shared), and one that would need to is refused as damaged.
+    """
     import pickle
 
+    why = _unsummed(path)
+    if why:
+        raise corrupt_file(path, why)
     try:
-        return torch.load(path, map_location="cpu", weights_only=weights_only)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as err:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError, OSError) as err:
         raise corrupt_file(path, err) from None
 
 
-def torch_save_atomic(obj, path: Path | str) -> Path:
-    """``torch.save`` through a temporary file, so a killed run never leaves a torn checkpoint.
+def _unsummed(path: Path | str) -> str | None:
+    """What is wrong with ``path`` by its last line (size and CRC-32), or None."""
+    with open(path, "rb") as fh:
+        size = fh.seek(0, os.SEEK_END) - _TAIL
+        fh.seek(max(size, 0))
+        tail = fh.read()
+        if size < 0 or not tail.startswith(_MARK):
+            if tail[-22:-18] == b"PK\x05\x06":  # the end of a bare zip: torch.save's own file
+                return ("was written by an earlier version of this project, in a form whose "
+                        "reading could run code: it is not read")  # fmt: skip
+            return "is damaged (its last line, its size and checksum, is missing): it was cut off"
+        fh.seek(0)
+        crc, left = 0, size
+        while left > 0 and (chunk := fh.read(min(left, 1 << 24))):
+            crc, left = zlib.crc32(chunk, crc), left - len(chunk)
+    if tail != _MARK + (_SUM % (size, crc)).encode():
+        return "is damaged (its bytes do not match their checksum): it was changed or cut off"
+    return None
 
-    torch writes into a Python file object here: a full disk is then the operating system's
-    "No space left on device" (a :class:`CannotWrite`), not torch's "unexpected pos".
+
+class _Summed:
+    """The file ``torch.save`` writes into: it counts and sums the bytes, and keeps the first
+    write error (a full disk) for :func:`torch_save_atomic`, which raises it once torch is
+    done: an error inside torch would come out as its own "unexpected pos"."""
+
+    def __init__(self, fh):
+        self.fh, self.size, self.crc, self.error = fh, 0, 0, None
+
+    def write(self, data) -> int:
+        if self.error is None:
+            try:
+                self.fh.write(data)
+            except OSError as err:
+                self.error = err
+            self.size, self.crc = self.size + len(data), zlib.crc32(data, self.crc)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+def torch_save_atomic(obj, path: Path | str) -> Path:
+    """``torch.save`` of plain data (:func:`_check_plain`) through a temporary file, with its
+    size and checksum as last line (:func:`load_torch` checks them).
+
+    A killed run never leaves a torn checkpoint; a full disk at any byte is a
+    :class:`CannotWrite` and the previous file is kept.
     """
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
+    _check_plain(obj)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        out = _Summed(fh)
+        torch.save(obj, out)
+        if out.error:
+            raise out.error
+        fh.write(_MARK + (_SUM % (out.size, out.crc)).encode())
     return Path(path)
+
+
+def _check_plain(obj, where: str = "the object") -> None:
+    """Refuse (TypeError, a bug) what ``torch.load(weights_only=True)`` would not read back:
+    anything but tensors, numbers, strings, None and dicts, lists and tuples of them."""
+    if isinstance(obj, torch.Tensor) or type(obj) in (bool, int, float, str, type(None)):
+        return
+    if type(obj) in (dict, OrderedDict):
+        for key, value in obj.items():
+            _check_plain(key, f"a key of {where}")
+            _check_plain(value, f"{where}[{key!r}]")
+    elif type(obj) in (list, tuple):
+        for i, value in enumerate(obj):
+            _check_plain(value, f"{where}[{i}]")
+    else:
+        raise TypeError(f"torch_save_atomic saves tensors, numbers, strings and plain "
+                        f"containers only: {where} is a {type(obj).__qualname__}")  # fmt: skip
 
 
 def save_npz(path: Path | str, **arrays) -> Path:

@@ -205,14 +205,22 @@ def cached_features(
     return feats
 
 
-def _load_features(path: Path, key: dict, log=print) -> torch.Tensor | None:
-    """The saved features at ``path``; None when saved under another key and no trained model
-    used them (to compute again); StaleRunError when one did."""
-    saved = load_torch(path, weights_only=False)  # a damaged cache is named, with what to do
-    diffs = differences(saved.get("key", {}), key)
+def load_features(path: Path | str, key: dict | None = None) -> torch.Tensor:
+    """The features :func:`cached_features` saved at ``path``; a damaged file is named
+    (:class:`~cocochallenge.files.CorruptFile`), one saved under another ``key`` is stale
+    (:class:`~cocochallenge.files.StaleRunError`)."""
+    return _load_features(Path(path), key, log=None)
+
+
+def _load_features(path: Path, key: dict | None, log=print) -> torch.Tensor | None:
+    """The saved features at ``path``. Saved under another ``key``: None where ``log`` is given
+    and no trained model used them (a failed try's: computed again, said in one line), else
+    :class:`~cocochallenge.files.StaleRunError`."""
+    saved = load_torch(path)  # a damaged cache is named, with what to do
+    diffs = differences(saved.get("key", {}), key) if key is not None else []
     if not diffs:
         return saved["feats"]
-    if trained(path.parent):
+    if log is None or trained(path.parent):
         raise StaleRunError(
             f"{path} was computed for other images or preprocessing than its trained model "
             "uses:\n  " + "\n  ".join(diffs) + f"\nNothing was trained. Move {path.parent} out "

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import helpers as h
@@ -242,37 +241,6 @@ def test_an_unwritable_run_folder_is_one_sentence(tmp_path, monkeypatch, code, t
             write()
         msg = _message(err)
         assert f"cannot write {tmp_path / 'run'}/" in msg and text in msg and advice in msg
-
-
-def test_a_disk_full_inside_torch_save_is_said_as_such(tmp_path, monkeypatch):
-    """torch's own words for a full disk are 'unexpected pos': it writes through Python here."""
-    real_open = open
-
-    class Full:
-        def __init__(self, fh):
-            self.fh = fh
-
-        def write(self, b):
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-        def __getattr__(self, name):
-            return getattr(self.fh, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.fh.close()
-
-    def opener(path, mode="r", *args, **kwargs):
-        fh = real_open(path, mode, *args, **kwargs)
-        return Full(fh) if "w" in mode and str(path).endswith(".tmp") else fh
-
-    monkeypatch.setattr("builtins.open", opener)
-    with pytest.raises(files.CannotWrite, match="No space left on device"):
-        files.torch_save_atomic({"w": torch.zeros(1000)}, tmp_path / "last.pt")
-    monkeypatch.undo()
-    assert list(tmp_path.iterdir()) == []  # no temporary file left either
 
 
 # ---- damaged run-folder files -------------------------------------------------------------

@@ -217,7 +217,7 @@ def test_checkpoint_write_failure_keeps_previous(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         files.torch_save_atomic({"epoch": 2}, path)
     monkeypatch.undo()
-    assert torch.load(path)["epoch"] == 1 and len(list(tmp_path.iterdir())) == 1
+    assert files.load_torch(path)["epoch"] == 1 and len(list(tmp_path.iterdir())) == 1
 
 
 def test_run_folder_records_config_versions_and_split(tmp_path, demo_root):
@@ -342,7 +342,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, demo_root):
     proc.send_signal(signal.SIGKILL)  # mid fine-tuning, after >= 1 epoch
     proc.wait()
     assert not (run_dir / "models/efficientnet_lite0/result.json").exists()
-    assert torch.load(ckpt, weights_only=False)["epoch"] < 3  # not finished when killed
+    assert files.load_torch(ckpt)["epoch"] < 3  # not finished when killed
     assert (run_dir / files.LOCK_NAME).exists()  # the killed run's hold: stale now
 
     out = subprocess.run(
@@ -508,8 +508,8 @@ def test_notebook_refit_scores_the_test_images_with_a_model_of_train_and_validat
     ]
     folder = run_dir / "models/efficientnet_lite0"
     result = json.loads((folder / "result.json").read_text())
-    frozen = torch.load(folder / "frozen_last.pt", weights_only=False)
-    refit_frozen = torch.load(folder / "refit/frozen_last.pt", weights_only=False)
+    frozen = files.load_torch(folder / "frozen_last.pt")
+    refit_frozen = files.load_torch(folder / "refit/frozen_last.pt")
     assert len(refit_frozen["history"]) == frozen["best_epoch"]  # stopped at the chosen epoch
     assert (folder / "refit/finetune_last.pt").exists() == result["best_phase"].startswith(
         "finetune"

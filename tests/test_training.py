@@ -204,7 +204,7 @@ def test_feature_parts_come_from_one_pass_and_equal_each_part_alone(tmp_path):
     for part, loader in loaders.items():
         alone = training.extract_features(_Recorder(), loader, "cpu", show_progress=False)
         assert torch.equal(feats[part], alone)
-        saved = torch.load(paths[part], weights_only=False)["feats"]
+        saved = training.load_features(paths[part])
         assert saved.untyped_storage().nbytes() == alone.numel() * alone.element_size()
         again = training.cached_features(
             paths[part], _Recorder(), loader, "cpu", key={**key, "part": part}

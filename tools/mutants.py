@@ -30,6 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 GUARDS = "tests/test_guards.py"
 HANDIN = "tests/test_handin.py"
+FILES = "tests/test_files.py"
 
 #: (name, file, text, its replacement, the quick test that must catch it)
 MUTANTS = [
@@ -63,10 +64,8 @@ MUTANTS = [
      "        yield path\n",
      "tests/test_robustness.py::test_disk_full_half_way_through_keeps_old_submission"),
     ("torch_save_atomic writes in place", "cocochallenge/files.py",
-     "    with atomic_path(path) as tmp:\n        with open(tmp, \"wb\") as fh:\n"
-     "            torch.save(obj, fh)",
-     "    with contextlib.nullcontext(path) as tmp:\n        with open(tmp, \"wb\") as fh:\n"
-     "            torch.save(obj, fh)",
+     "    with atomic_path(path) as tmp, open(tmp, \"wb\") as fh:",
+     "    with contextlib.nullcontext(path) as tmp, open(tmp, \"wb\") as fh:",
      "tests/test_robustness.py::test_checkpoint_write_failure_keeps_previous"),
     ("lock: a second run goes on", "cocochallenge/files.py",
      "        if why is None:\n", "        if False:\n",
@@ -180,6 +179,34 @@ MUTANTS = [
      "    if made is None or newest is None or made.stat().st_mtime >= newest.stat().st_mtime:",
      "    if True:",
      f"{HANDIN}::test_packed_from_a_cell_the_challenge_notebook_is_saved_after_the_results"),
+    # persist (issue 32: a full disk at any byte, damaged files named, nothing run when read)
+    ("a run folder's .pt unpickled", "cocochallenge/files.py",
+     'torch.load(path, map_location="cpu", weights_only=True)',
+     'torch.load(path, map_location="cpu", weights_only=False)',
+     f"{FILES}::test_a_payload_planted_in_a_run_folder_does_not_run_and_is_named"),
+    ("checksum: not checked", "cocochallenge/files.py",
+     "    why = _unsummed(path)\n    if why:\n", "    why = _unsummed(path)\n    if False:\n",
+     f"{FILES}::test_changed_bytes_anywhere_in_a_torch_file_are_named"),
+    ("checksum: an earlier version called cut off", "cocochallenge/files.py",
+     'if tail[-22:-18] == b"PK\\x05\\x06":', "if False:",
+     f"{FILES}::test_a_checkpoint_of_the_earlier_format_is_refused_in_one_sentence"),
+    ("a cut .pt's OSError", "cocochallenge/files.py",
+     "pickle.UnpicklingError, ValueError, OSError) as err:",
+     "pickle.UnpicklingError, ValueError) as err:",
+     f"{FILES}::test_every_cut_of_a_feature_cache_is_named"),
+    ("full disk inside torch.save: torch's words", "cocochallenge/files.py",
+     "                self.error = err\n", "                raise\n",
+     f"{FILES}::test_a_full_disk_at_any_byte_of_any_file_is_one_sentence_and_keeps_the_old"),
+    ("full disk inside torch.save: the lost bytes", "cocochallenge/files.py",
+     "        if out.error:\n            raise out.error\n", "",
+     f"{FILES}::test_a_disk_full_for_a_moment_keeps_the_old_checkpoint"),
+    ("plain data only in torch files", "cocochallenge/files.py",
+     '    else:\n        raise TypeError(f"torch_save_atomic',
+     '    elif False:\n        raise TypeError(f"torch_save_atomic',
+     f"{FILES}::test_only_what_weights_only_reads_back_is_saved"),
+    ("resume: NumPy's cached Gaussian", "cocochallenge/checkpoints.py",
+     "pos, has_gauss, gauss))", "pos, 0, 0.0))",
+     f"{FILES}::test_a_resumed_run_draws_what_the_uninterrupted_run_draws"),
 ]  # fmt: skip
 
 
