@@ -32,7 +32,9 @@ class COCOTrainImageDataset(torch.utils.data.Dataset):
         img_path = os.path.join(self.img_dir, Path(self.img_labels[idx]).stem + ".jpg")
         labels_path = os.path.join(self.annotations_dir, self.img_labels[idx])
         image = Image.open(img_path).convert("RGB")
-        with open(labels_path) as f: 
+        # completion: utf-8-sig, as cocochallenge.data reads it: a byte-order mark (Notepad
+        # writes one) is skipped, and the encoding no longer depends on the machine's locale
+        with open(labels_path, encoding="utf-8-sig") as f:
             # completion: blank lines are skipped (a hand-edited file ends with one)
             labels = [int(label) for label in f.readlines() if label.strip()]
         if self.transform:
