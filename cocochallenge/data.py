@@ -205,12 +205,17 @@ def list_files(folder: Path | str, suffix: str) -> list[str]:
 def load_rgb(path: Path | str) -> Image.Image:
     """Open an image as RGB; grayscale, CMYK and palette images are converted, not rejected.
 
+    A 16-bit grayscale image is scaled to 8 bits, as ``helpers._rgb`` does for the datasets
+    (PIL's own conversion clips it at 255: almost white).
+
     An unreadable file raises a :class:`DataError` that names it (the start-up scan,
     :func:`scan_data`, normally finds such files before any training starts).
     """
     try:
         with Image.open(path) as img:
             img.load()
+            if img.mode.startswith("I"):  # 16-bit grayscale: I;16 (I in older Pillow)
+                return img.convert("I").point(lambda v: v / 256, "L").convert("RGB")
             return img.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise DataError(

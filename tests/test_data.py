@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 import helpers as h
-from cocochallenge import config, data, files, models, split, training, transforms
+from cocochallenge import config, data, files, models, scan, split, training, transforms
 from conftest import write_labels
 
 pytestmark = pytest.mark.quick
@@ -88,6 +88,26 @@ def test_a_label_line_the_dataset_cannot_read_is_refused_by_the_check(tmp_path):
         ds[1]  # what the feature pass would meet
     with pytest.raises(data.DataError, match="000000000002.cls, line 1"):
         data.labels_of(ds)
+
+
+def test_a_16_bit_grayscale_png_named_jpg_is_scaled_to_8_bits(tmp_path):
+    """PIL's own conversion clips 16-bit values at 255 (a photo turns white): the datasets,
+    load_rgb and the scan's note all scale it to 8 bits."""
+    rows = {"000000000001": [0], "000000000002": [1]}
+    root = _layout(tmp_path, rows)
+    gray = np.tile(np.arange(0, 256, 4, dtype=np.uint16), (30, 1))  # 64 levels, 0..252
+    path = root / "images/train-resized/000000000002.jpg"
+    Image.fromarray(gray * 257).save(path, format="PNG")  # 16 bits: 0..64764
+    Image.fromarray(gray * 257).save(root / "test.jpg", format="PNG")
+    with Image.open(path) as img:
+        assert img.mode.startswith("I")  # what Pillow reads a 16-bit PNG as
+    expected = np.repeat(gray.astype(np.uint8)[..., None], 3, axis=2)
+    ds = h.COCOTrainImageDataset(root / "images/train-resized", root / "labels/train")
+    test = h.COCOTestImageDataset(root)
+    for image in (ds[1][0], test[0][0], data.load_rgb(path)):
+        assert image.mode == "RGB" and np.array_equal(np.asarray(image), expected)
+    problem, note = scan.check_image_file(path)
+    assert problem is None and "16-bit grayscale: scaled to 8 bits" in note
 
 
 def test_empty_label_file_means_no_object(tmp_path):
