@@ -244,6 +244,29 @@ def test_an_unwritable_run_folder_is_one_sentence(tmp_path, monkeypatch, code, t
         assert f"cannot write {tmp_path / 'run'}/" in msg and text in msg and advice in msg
 
 
+def test_the_analysis_goes_on_where_the_run_folder_cannot_be_written(tmp_path, monkeypatch):
+    """A teammate's run folder, read-only here: one note, then every figure and table is
+    shown (the notebook's `show`) and none saved; a writable folder keeps both."""
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+    from cocochallenge import plots
+
+    fig, table = Figure(), pd.DataFrame({"f1": [0.5]}, index=["x"])
+    kept = plots.Outputs(tmp_path / "run")
+    assert kept.figure(fig, "01") == tmp_path / "run/figures/01.png"
+    assert kept.table(table, "t") == tmp_path / "run/tables/t.csv"
+    assert kept.paths == [tmp_path / "run/figures/01.png", tmp_path / "run/tables/t.csv"]
+    assert (tmp_path / "run/tables/t.csv").read_text() == ",f1\nx,0.5\n"
+    _fail_on_write(monkeypatch, errno.EROFS, "Read-only file system")
+    lines = []
+    shown = plots.Outputs(tmp_path / "other", log=lines.append)
+    assert shown.figure(fig, "01") is None and shown.table(table, "t") is None
+    assert shown.figure(fig, "02", fmt="jpg") is None and shown.paths == []
+    assert len(lines) == 1 and lines[0].startswith("note: the analysis goes on, its figures")
+    assert f"cannot write {tmp_path / 'other/figures/01.png'} (Read-only file system)" in lines[0]
+
+
 def test_a_disk_full_inside_torch_save_is_said_as_such(tmp_path, monkeypatch):
     """torch's own words for a full disk are 'unexpected pos': it writes through Python here."""
     real_open = open
