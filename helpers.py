@@ -16,6 +16,14 @@ from PIL import Image
 import torch
 
 
+def _rgb(image):
+    # completion: a 16-bit grayscale image (mode I;16, or I in older Pillow) is scaled to 8 bits
+    # first: PIL's own conversion to RGB clips its values at 255, which makes it almost white
+    if image.mode.startswith("I"):
+        image = image.convert("I").point(lambda v: v / 256, "L")
+    return image.convert("RGB")
+
+
 class COCOTrainImageDataset(torch.utils.data.Dataset):
     def __init__(self, img_dir, annotations_dir, max_images=None, transform=None):
         self.img_labels = sorted(glob("*.cls", root_dir=annotations_dir))
@@ -31,8 +39,10 @@ class COCOTrainImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, idx):
         img_path = os.path.join(self.img_dir, Path(self.img_labels[idx]).stem + ".jpg")
         labels_path = os.path.join(self.annotations_dir, self.img_labels[idx])
-        image = Image.open(img_path).convert("RGB")
-        with open(labels_path) as f: 
+        image = _rgb(Image.open(img_path))  # completion: see _rgb
+        # completion: utf-8-sig, as cocochallenge.data reads it: a byte-order mark (Notepad
+        # writes one) is skipped, and the encoding no longer depends on the machine's locale
+        with open(labels_path, encoding="utf-8-sig") as f:
             # completion: blank lines are skipped (a hand-edited file ends with one)
             labels = [int(label) for label in f.readlines() if label.strip()]
         if self.transform:
@@ -54,7 +64,7 @@ class COCOTestImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, idx):
         img_path = os.path.join(self.img_dir, self.img_list[idx])
-        image = Image.open(img_path).convert("RGB")        
+        image = _rgb(Image.open(img_path))  # completion: see _rgb        
         if self.transform:
             image = self.transform(image)
         return image, Path(img_path).stem # filename w/o extension

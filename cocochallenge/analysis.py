@@ -17,7 +17,7 @@ import pandas as pd
 from .checkpoints import PhaseCheckpoint
 from .compare import compare, cross_fitted, held_out_course_f1
 from .config import CLASSES
-from .data import data_paths, read_label_matrix
+from .data import data_paths, load_rgb, read_label_matrix
 from .files import SaysWhatToDo, load_json, load_npz
 from .metrics import (
     COURSE_LOGIT_THRESHOLD_AS_PROB,
@@ -151,16 +151,6 @@ class RunArtifacts:
         if not folder.is_dir() or not names or not (folder / names[0]).is_file():
             return None
         return read_label_matrix(folder, names)
-
-
-def save_table(table: pd.DataFrame, run_dir: Path | str, name: str) -> Path:
-    """``table`` as ``<run_dir>/tables/<name>.csv`` (atomically), beside the figures."""
-    from .files import atomic_path
-
-    path = Path(run_dir) / "tables" / f"{name}.csv"
-    with atomic_path(path) as tmp:
-        table.to_csv(tmp)
-    return path
 
 
 def phase_summary(history: dict) -> pd.DataFrame:
@@ -513,7 +503,6 @@ def cams_for(run: RunArtifacts, name: str, errors: list, device: str = "cpu") ->
     """``(images as the network saw them, Grad-CAM maps)`` of the kept model ``name`` for each
     ``(row, class, kind)`` of ``errors`` (images of the run's data folder, its input size)."""
     import torch
-    from PIL import Image
 
     from .models import build_model, preprocess_for
     from .runs import load_kept_model
@@ -526,7 +515,7 @@ def cams_for(run: RunArtifacts, name: str, errors: list, device: str = "cpu") ->
     model, _ = build_model(backbone, head=kept.get("head", "mlp"), dropout=dropout)
     model = load_kept_model(run.run_dir, name, model).to(device)
     transform = build_transform(pre, pad=bool(run.config.get("pad", False)))
-    pictures = [Image.open(run.image_path(run.stems[r])).convert("RGB") for r, _, _ in errors]
+    pictures = [load_rgb(run.image_path(run.stems[r])) for r, _, _ in errors]
     x = torch.stack([transform(p) for p in pictures]).to(device)
     maps = grad_cam(model, x, [c for _, c, _ in errors])
     size = (pre["size"], pre["size"])

@@ -79,6 +79,11 @@ def main(argv=None) -> int:
             return 1
         print(f"{args.submission}: valid")
     else:
-        for key, value in score_submission(args.submission, args.answers).items():
+        try:
+            scores = score_submission(args.submission, args.answers)
+        except SubmissionError as err:
+            print(err, file=sys.stderr)
+            return 1
+        for key, value in scores.items():
             print(f"{key:>16}: {value:.4f}" if isinstance(value, float) else f"{key:>16}: {value}")
     return 0

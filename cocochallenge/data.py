@@ -6,6 +6,7 @@ that dies hours in, or trains on a silently half-read folder, costs a team far m
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -142,13 +143,15 @@ def resolve_data_root(
 def parse_label_text(text: str, source: str, notes: list | None = None) -> list[int]:
     """Class indices of one ``.cls`` file: sorted, unique, each checked.
 
-    Blank lines, Windows line endings and a repeated index are accepted (hand-edited files
-    have them; a repeat is noted in ``notes`` and counted once); anything else that is not an
-    integer in 0..79 raises a :class:`DataError` that names the file and the line, because a
+    Lines are split and read as ``helpers.COCOTrainImageDataset`` reads them (a text file's
+    line endings, ``int`` of each line), so that what passes here also trains. Blank lines,
+    spaces around an index, Windows line endings and a repeated index are accepted (hand-edited
+    files have them; a repeat is noted in ``notes`` and counted once); anything else that is not
+    an integer in 0..79 raises a :class:`DataError` that names the file and the line, because a
     wrong label silently corrupts training and the metric.
     """
     out = set()
-    for lineno, line in enumerate(text.splitlines(), 1):
+    for lineno, line in enumerate(io.StringIO(text, newline=None), 1):  # as open() splits
         line = line.strip()
         if not line:
             continue
@@ -181,10 +184,9 @@ def read_label_matrix(
     Y = np.zeros((len(names), NUM_CLASSES), dtype=np.uint8)
     for i, name in enumerate(names):
         path = label_dir / name
-        with open(path, "rb") as fh:
-            raw = fh.read()
-        try:
-            text = raw.decode("utf-8-sig")
+        try:  # utf-8-sig, as helpers.COCOTrainImageDataset opens it: a byte-order mark is skipped
+            with open(path, encoding="utf-8-sig") as fh:
+                text = fh.read()
         except UnicodeDecodeError:
             raise DataError(
                 f"{path}: not a text file (one class index per line expected)"
@@ -203,12 +205,17 @@ def list_files(folder: Path | str, suffix: str) -> list[str]:
 def load_rgb(path: Path | str) -> Image.Image:
     """Open an image as RGB; grayscale, CMYK and palette images are converted, not rejected.
 
+    A 16-bit grayscale image is scaled to 8 bits, as ``helpers._rgb`` does for the datasets
+    (PIL's own conversion clips it at 255: almost white).
+
     An unreadable file raises a :class:`DataError` that names it (the start-up scan,
     :func:`scan_data`, normally finds such files before any training starts).
     """
     try:
         with Image.open(path) as img:
             img.load()
+            if img.mode.startswith("I"):  # 16-bit grayscale: I;16 (I in older Pillow)
+                return img.convert("I").point(lambda v: v / 256, "L").convert("RGB")
             return img.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise DataError(

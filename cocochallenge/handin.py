@@ -51,6 +51,19 @@ NOTEBOOKS = ("challenge.ipynb", "analysis.ipynb")
 HANDIN_TAG = "handin"
 
 
+def read_notebook(path: Path) -> dict | None:
+    """The notebook at ``path``; None when it is not one (cut off, not UTF-8, ``{}``, ``[]``)."""
+    try:
+        nb = load_json(path)
+    except CorruptFile:
+        return None
+    cells = nb.get("cells") if isinstance(nb, dict) else None
+    if isinstance(cells, list) and all(isinstance(c, dict) and {"cell_type", "source"} <= set(c)
+                                       for c in cells):  # fmt: skip
+        return nb
+    return None
+
+
 def notebook_problems(path: Path, run_dir: Path) -> list[str]:
     """Why a notebook is not a clean top-to-bottom run of this run folder ([] when it is).
 
@@ -59,10 +72,10 @@ def notebook_problems(path: Path, run_dir: Path) -> list[str]:
     folder being packed. Cells from the one tagged ``handin`` on may be unexecuted: that is
     the cell that makes the zip.
     """
-    try:
-        nb = load_json(path)
-    except CorruptFile:
-        return [f"{path.name} is not a readable notebook (cut off or overwritten): run it again"]
+    nb = read_notebook(path)
+    if nb is None:
+        return [f"{path} is not a readable notebook (cut off or overwritten): run it again "
+                "(python run.py, or Run All in Jupyter and save)"]  # fmt: skip
     problems, counts = [], []
     for cell in _cells_above_handin(nb):
         counts.append(cell.get("execution_count"))
@@ -155,15 +168,25 @@ def saved_before_results(files: dict) -> list[str]:
             "in challenge.ipynb, File > Save, then run this cell again"]  # fmt: skip
 
 
-def collect(run_dir: Path, project: Path, beside: Path | None = None) -> dict:
+def collect(run_dir: Path, project: Path, beside: Path | None = None, log=print) -> dict:
     """``{name in the zip: file}`` of everything a hand-in holds.
 
     The notebooks: run.py's executed copies in the run folder first, else the project's;
     with ``beside`` (the folder of the notebook that packs, in JupyterLab) the ones there, as
     the team sees them, the challenge notebook from the run folder only where that copy was
-    saved later (a run made by run.py).
+    saved later (a run made by run.py). A run-folder file that is a link to a file outside the
+    run folder is left out, with a line that says so: the zip would hold whatever it points to.
     """
-    files = {}
+    files, inside = {}, run_dir.resolve()
+
+    def of_run(path: Path) -> bool:
+        if not path.is_file():
+            return False
+        if path.resolve().is_relative_to(inside):
+            return True
+        log(f"not packed: {path} is a link to {path.resolve()}, outside the run folder")
+        return False
+
     for name in NOTEBOOKS:
         if beside is None:  # run.py's executed copies first, else the project's
             found = [p for p in (run_dir / name, project / name) if p.is_file()]
@@ -172,6 +195,7 @@ def collect(run_dir: Path, project: Path, beside: Path | None = None) -> dict:
                 (beside / name, run_dir / name) if name == "challenge.ipynb" else (beside / name,)
             )
             found = sorted((p for p in mine if p.is_file()), key=lambda p: -p.stat().st_mtime)
+        found = [p for p in found if p.parent.resolve() != inside or of_run(p)]
         if found:
             files[name] = found[0]
     for name in PROJECT_FILES:
@@ -180,11 +204,12 @@ def collect(run_dir: Path, project: Path, beside: Path | None = None) -> dict:
     for path in sorted((project / "cocochallenge").glob("*.py")):
         files[f"cocochallenge/{path.name}"] = path
     for name in RUN_FILES:
-        if (run_dir / name).is_file():
+        if of_run(run_dir / name):
             files[f"run/{name}"] = run_dir / name
     for sub, pattern in (("figures", "*.png"), ("tables", "*.csv")):
         for path in sorted((run_dir / sub).glob(pattern)):
-            files[f"run/{sub}/{path.name}"] = path
+            if of_run(path):
+                files[f"run/{sub}/{path.name}"] = path
     return files
 
 
@@ -231,13 +256,14 @@ def pack(run_dir: Path | str, out: Path | str | None = None, max_mb: float = 20.
     project = Path(project) if project else Path(__file__).resolve().parents[1]
     out = Path(out) if out else run_dir / "handin.zip"
     beside = Path(notebook).resolve().parent if notebook else None
-    files = collect(run_dir, project, beside)
+    files = collect(run_dir, project, beside, log)
     required = (*NOTEBOOKS, "run/submission.json", "run/results.csv", "run/config.json",
                 "run/environment.json")  # fmt: skip
     problems = [f"{name} is missing" for name in required if name not in files]
     held_note(run_dir, log)
-    notebooks = [files[n] for n in NOTEBOOKS if n in files]
-    for warning in warnings_for(notebooks):  # the report itself: said, not blocking
+    notebooks = {files[n]: read_notebook(files[n]) for n in NOTEBOOKS if n in files}
+    readable = {path: nb for path, nb in notebooks.items() if nb is not None}  # else a problem
+    for warning in warnings_for(readable):  # the report itself: said, not blocking
         log(f"WARNING: {warning}")
     for name, path in files.items():
         if name.startswith("run/") and name.endswith(".json") and name != "run/submission.json":

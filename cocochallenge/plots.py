@@ -14,7 +14,7 @@ import numpy as np
 from .analysis import error_examples
 from .config import CLASSES
 from .data import DataError, load_rgb
-from .files import atomic_path, load_json
+from .files import CannotWrite, atomic_path, load_json
 from .metrics import COURSE_LOGIT_THRESHOLD_AS_PROB
 
 if TYPE_CHECKING:
@@ -79,19 +79,59 @@ def save_figure(fig, run_dir: Path | str, name: str, dpi: int = 110, fmt: str = 
     return path
 
 
-def show(fig, run_dir: Path | str, name: str, fmt: str = "png") -> Path:
-    """Save ``fig`` under the run folder (:func:`save_figure`) and show it in the notebook;
-    a figure of photos as the light JPEG it was saved as."""
-    import matplotlib.pyplot as plt
-    from IPython.display import Image, display
+class Outputs:
+    """The figures and tables of an analysis, saved under the run folder as they are shown
+    (``figures/<name>.png``, ``tables/<name>.csv``); ``paths`` lists the files saved.
 
-    path = save_figure(fig, run_dir, name, fmt=fmt)
-    if fmt == "jpg":
-        plt.close(fig)
-        display(Image(filename=str(path)))
-    else:
-        plt.show()
-    return path
+    The analysis only reads a run: where the run folder cannot be written (a teammate's
+    folder, read-only here; a full disk), one note says so and the analysis goes on, each
+    figure and table shown but not saved.
+    """
+
+    def __init__(self, run_dir: Path | str, log=print):
+        self.run_dir, self.log, self.paths, self.failed = Path(run_dir), log, [], False
+
+    def figure(self, fig, name: str, dpi: int = 110, fmt: str = "png") -> Path | None:
+        """:func:`save_figure`; its path, or None when not saved."""
+        return self._keep(lambda: save_figure(fig, self.run_dir, name, dpi, fmt))
+
+    def table(self, table: pd.DataFrame, name: str) -> Path | None:
+        """``table.to_csv`` atomically; its path, or None when not saved."""
+        path = self.run_dir / "tables" / f"{name}.csv"
+
+        def write():
+            with atomic_path(path) as tmp:
+                table.to_csv(tmp)
+            return path
+
+        return self._keep(write)
+
+    def show(self, fig, name: str, fmt: str = "png") -> Path | None:
+        """Save ``fig`` (:meth:`figure`) and show it in the notebook: a figure of photos as
+        the light JPEG it was saved as, where it was saved."""
+        import matplotlib.pyplot as plt
+        from IPython.display import Image, display
+
+        path = self.figure(fig, name, fmt=fmt)
+        if fmt == "jpg" and path is not None:
+            plt.close(fig)
+            display(Image(filename=str(path)))
+        else:
+            plt.show()
+        return path
+
+    def _keep(self, write) -> Path | None:
+        if self.failed:
+            return None
+        try:
+            self.paths.append(write())
+            return self.paths[-1]
+        except CannotWrite as err:
+            self.failed = True
+            self.log(
+                f"note: the analysis goes on, its figures and tables shown but not saved: {err}"
+            )
+            return None
 
 
 def plot_f1_vs_frequency(reports: dict, counts, xlabel: str = "training images of the class"):

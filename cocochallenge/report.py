@@ -74,12 +74,11 @@ def team_blank(notebook: dict) -> bool:
     return False
 
 
-def warnings_for(paths) -> list[str]:
-    """What a reader of these notebooks would object to: a blank team block, prose quoting
-    numbers the outputs do not hold. Each a sentence naming the notebook."""
+def warnings_for(notebooks: dict) -> list[str]:
+    """What a reader of these notebooks (``{path: notebook read}``) would object to: a blank
+    team block, prose quoting numbers the outputs do not hold. Each a sentence naming it."""
     out = []
-    for path in paths:
-        nb = json.loads(Path(path).read_text())
+    for path, nb in notebooks.items():
         if team_blank(nb):
             out.append(f"{Path(path).name}: the team block is blank: write your names and who "
                        "did what in its 'Team' cell")  # fmt: skip

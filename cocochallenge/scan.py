@@ -27,7 +27,7 @@ from .files import save_json
 _IMAGE_MAGIC = {b"\x89PNG": "PNG", b"GIF8": "GIF", b"BM": "BMP", b"RIFF": "WEBP",
                 b"II*\x00": "TIFF", b"MM\x00*": "TIFF"}  # fmt: skip
 #: Bumped when the verdicts' meaning changes, so that old cache files are not trusted.
-VERDICT_VERSION = 3
+VERDICT_VERSION = 4
 #: The longest side an image may have. The course's images are at most 224 px: a far larger
 #: file is not one of them, and decoding it costs seconds and gigabytes (PIL itself warns from
 #: 89 million pixels, and refuses 179 million with a DecompressionBombError).
@@ -40,7 +40,8 @@ def check_image_file(path: Path | str) -> tuple[str | None, str | None]:
     """``(problem, note)`` of one image, decoded in full.
 
     ``problem`` says why the file cannot be used (the caller skips it or stops); ``note`` says
-    what is unusual about a file that decodes (a PNG named .jpg: used).
+    what is unusual about a file that decodes (a PNG named .jpg: used; a 16-bit one is scaled to
+    8 bits by the datasets, ``helpers._rgb``).
     """
     path = Path(path)
     try:
@@ -54,6 +55,7 @@ def check_image_file(path: Path | str) -> tuple[str | None, str | None]:
                 if max(img.size) > MAX_IMAGE_SIDE:
                     return f"{img.size[0]}x{img.size[1]} pixels, {TOO_LARGE}", None
                 img.load()
+                deep = ", 16-bit grayscale: scaled to 8 bits" if img.mode.startswith("I") else ""
     except Image.DecompressionBombError as err:  # PIL refuses it before reading its size
         pixels = re.search(r"\d+ pixels", str(err))
         return f"{pixels[0] if pixels else 'too many pixels'}, {TOO_LARGE}", None
@@ -64,7 +66,7 @@ def check_image_file(path: Path | str) -> tuple[str | None, str | None]:
         return f"{what} ({err})", None
     if head[:2] != b"\xff\xd8":
         kind = next((v for k, v in _IMAGE_MAGIC.items() if head.startswith(k)), "other format")
-        return None, f"not a JPEG despite its name ({kind}), but readable: used"
+        return None, f"not a JPEG despite its name ({kind}{deep}), but readable: used"
     return None, None
 
 

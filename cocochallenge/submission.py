@@ -13,7 +13,7 @@ import numpy as np
 
 from .config import NUM_CLASSES
 from .data import list_files
-from .files import SaysWhatToDo, atomic_path, load_json
+from .files import SaysWhatToDo, atomic_path
 from .metrics import evaluate_predictions
 
 
@@ -68,6 +68,13 @@ def read_submission(path: Path | str) -> dict:
         raise SubmissionError(
             f"{path}: not valid JSON at line {err.lineno}, column {err.colno}: {err.msg}{hint}"
         ) from None
+    except SubmissionError:  # a repeated image id, said by _no_duplicates
+        raise
+    except ValueError as err:  # Python reads at most 4,300 digits into an int
+        raise SubmissionError(
+            f"{path}: holds a number too long to read ({str(err).split(':')[0]}): class "
+            f"indices are 0..{NUM_CLASSES - 1}; write the file with write_submission"
+        ) from None
 
 
 def predictions_to_submission(stems, pred: np.ndarray) -> dict:
@@ -78,12 +85,14 @@ def predictions_to_submission(stems, pred: np.ndarray) -> dict:
     return {str(s): [int(c) for c in np.flatnonzero(row)] for s, row in zip(stems, pred)}
 
 
-def submission_problems(sub, test_stems=None) -> list[str]:
-    """Every reason the leaderboard would reject or misread ``sub`` (empty list: valid)."""
+def submission_problems(sub, test_stems=None, what: str = "submission") -> list[str]:
+    """Every reason the leaderboard would reject or misread ``sub`` (empty list: valid).
+
+    ``what="answers"`` checks a file of true labels, which need not list them sorted."""
     if not isinstance(sub, dict):
-        return [f"the submission must be a JSON object (dict), not {type(sub).__name__}"]
+        return [f"the {what} must be a JSON object (dict), not {type(sub).__name__}"]
     if not sub:
-        return ["the submission is empty: it has no prediction at all"]
+        return [f"the {what} is empty: it has no image at all"]
     problems = []
     for key, value in sub.items():
         if not isinstance(key, str) or not (len(key) == 12 and key.isdigit()):
@@ -100,7 +109,7 @@ def submission_problems(sub, test_stems=None) -> list[str]:
         ]
         if bad:
             problems.append(f"{key}: {bad[:5]} not class indices (ints 0..{NUM_CLASSES - 1})")
-        elif value != sorted(set(value)):
+        elif value != sorted(set(value)) and what == "submission":
             problems.append(f"{key}: {value} must be sorted and without duplicates")
     if test_stems is not None:
         expected = set(test_stems)
@@ -118,6 +127,12 @@ def validate_submission(sub, test_dir: Path | str | None = None) -> None:
     must appear exactly once (JSON keys are unique, so 'once' means 'present')."""
     stems = None
     if test_dir is not None:
+        if not str(test_dir).strip():
+            raise SubmissionError(
+                f"the test folder is an empty name ({str(test_dir)!r}): give the "
+                "images/test-resized folder of the course's data, to check that every test "
+                "image has its prediction"
+            )
         if not Path(test_dir).is_dir():
             what = "is a file" if Path(test_dir).exists() else "does not exist"
             raise SubmissionError(
@@ -163,10 +178,10 @@ def score_submission(sub: dict | Path | str, answers: dict | Path | str) -> dict
 
     Course F1 with its precision and recall, plus macro and micro F1, over the images of
     ``answers``; an image missing from the submission counts as predicted empty. Use it on
-    your validation split to rehearse before uploading.
+    your validation split to rehearse before uploading. A file that cannot be read, or is
+    not ``{12-digit image id: [class indices]}``, is a :class:`SubmissionError` naming it.
     """
-    sub = read_submission(sub) if isinstance(sub, (str, Path)) else sub
-    answers = load_json(answers) if isinstance(answers, (str, Path)) else answers
+    sub, answers = _scorable(sub, "submission"), _scorable(answers, "answers")
     stems = sorted(answers)
     y = np.zeros((len(stems), NUM_CLASSES), dtype=bool)
     p = np.zeros_like(y)
@@ -178,3 +193,14 @@ def score_submission(sub: dict | Path | str, answers: dict | Path | str) -> dict
     out["n_images"] = len(stems)
     out["n_missing"] = sum(1 for s in stems if s not in sub)
     return out
+
+
+def _scorable(obj, what: str) -> dict:
+    """A submission or answers (a dict, or the JSON file of one), checked before scoring."""
+    name = obj if isinstance(obj, (str, Path)) else f"the {what}"
+    obj = read_submission(obj) if isinstance(obj, (str, Path)) else obj
+    problems = submission_problems(obj, what=what)
+    if problems:
+        more = " ..." if len(problems) > 3 else ""
+        raise SubmissionError(f"{name} cannot be scored: {'; '.join(problems[:3])}{more}")
+    return obj

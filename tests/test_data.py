@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 import helpers as h
-from cocochallenge import config, data, files, models, split, transforms
+from cocochallenge import config, data, files, models, scan, split, training, transforms
 from conftest import write_labels
 
 pytestmark = pytest.mark.quick
@@ -55,6 +55,59 @@ def test_malformed_label_names_file_and_line(tmp_path, content, line, what):
         data.labels_of(ds)
     msg = str(err.value)
     assert "000000000002.cls" in msg and f"line {line}" in msg and what in msg
+
+
+def test_a_label_file_reads_the_same_in_the_check_and_in_the_feature_pass(tmp_path):
+    """A byte-order mark (Notepad's), CRLF, spaces and tabs: the data check and the course's
+    dataset read the same classes, and the feature pass goes through every item."""
+    rows = {f"00000000000{i}": [0] for i in range(1, 5)}
+    root = _layout(tmp_path, rows)
+    labels = root / "labels/train"
+    (labels / "000000000001.cls").write_bytes(b"\xef\xbb\xbf45\n3\n")
+    (labels / "000000000002.cls").write_bytes(b"45 \r\n3\t\r\n\r\n")
+    (labels / "000000000003.cls").write_bytes(b"\xef\xbb\xbf 3\r\n45   ")
+    ds = h.COCOTrainImageDataset(root / "images/train-resized", labels)
+    Y = data.labels_of(ds)
+    assert [np.flatnonzero(y).tolist() for y in Y] == [[3, 45]] * 3 + [[0]]
+    view = data.LabelledSubset(ds, range(len(ds)), transforms.build_transform(
+        {"size": 32, "mean": (0.5,) * 3, "std": (0.5,) * 3}))  # fmt: skip
+    loader = transforms.make_loader(view, batch_size=2, train=False, workers=0)
+    pooled = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    feats = training.extract_features(pooled, loader, "cpu", show_progress=False)
+    assert feats.shape == (4, 3)
+    assert torch.equal(torch.stack([t for _, t in view]), torch.from_numpy(Y).float())
+
+
+def test_a_label_line_the_dataset_cannot_read_is_refused_by_the_check(tmp_path):
+    """A form feed splits a line for str.splitlines, not for a text file: the check reads the
+    file as the dataset does, and names it, before training."""
+    root = _layout(tmp_path, {"000000000001": [0], "000000000002": [1]})
+    (root / "labels/train/000000000002.cls").write_text("3\x0c17\n")
+    ds = h.COCOTrainImageDataset(root / "images/train-resized", root / "labels/train")
+    with pytest.raises(ValueError):
+        ds[1]  # what the feature pass would meet
+    with pytest.raises(data.DataError, match="000000000002.cls, line 1"):
+        data.labels_of(ds)
+
+
+def test_a_16_bit_grayscale_png_named_jpg_is_scaled_to_8_bits(tmp_path):
+    """PIL's own conversion clips 16-bit values at 255 (a photo turns white): the datasets,
+    load_rgb and the scan's note all scale it to 8 bits."""
+    rows = {"000000000001": [0], "000000000002": [1]}
+    root = _layout(tmp_path, rows)
+    gray = np.tile(np.arange(0, 256, 4, dtype=np.uint16), (30, 1))  # 64 levels, 0..252
+    path = root / "images/train-resized/000000000002.jpg"
+    Image.fromarray(gray * 257).save(path, format="PNG")  # 16 bits: 0..64764
+    Image.fromarray(gray * 257).save(root / "test.jpg", format="PNG")
+    with Image.open(path) as img:
+        assert img.mode.startswith("I")  # what Pillow reads a 16-bit PNG as
+    expected = np.repeat(gray.astype(np.uint8)[..., None], 3, axis=2)
+    ds = h.COCOTrainImageDataset(root / "images/train-resized", root / "labels/train")
+    test = h.COCOTestImageDataset(root)
+    for image in (ds[1][0], test[0][0], data.load_rgb(path)):
+        assert image.mode == "RGB" and np.array_equal(np.asarray(image), expected)
+    problem, note = scan.check_image_file(path)
+    assert problem is None and "16-bit grayscale: scaled to 8 bits" in note
 
 
 def test_empty_label_file_means_no_object(tmp_path):

@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 import helpers as h
-from cocochallenge import checkpoints, data, files, handin, runs, scan, split, submission
+from cocochallenge import checkpoints, cli, data, files, handin, runs, scan, split, submission
 from conftest import write_labels
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -243,6 +243,29 @@ def test_an_unwritable_run_folder_is_one_sentence(tmp_path, monkeypatch, code, t
         assert f"cannot write {tmp_path / 'run'}/" in msg and text in msg and advice in msg
 
 
+def test_the_analysis_goes_on_where_the_run_folder_cannot_be_written(tmp_path, monkeypatch):
+    """A teammate's run folder, read-only here: one note, then every figure and table is
+    shown (the notebook's `show`) and none saved; a writable folder keeps both."""
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+    from cocochallenge import plots
+
+    fig, table = Figure(), pd.DataFrame({"f1": [0.5]}, index=["x"])
+    kept = plots.Outputs(tmp_path / "run")
+    assert kept.figure(fig, "01") == tmp_path / "run/figures/01.png"
+    assert kept.table(table, "t") == tmp_path / "run/tables/t.csv"
+    assert kept.paths == [tmp_path / "run/figures/01.png", tmp_path / "run/tables/t.csv"]
+    assert (tmp_path / "run/tables/t.csv").read_text() == ",f1\nx,0.5\n"
+    _fail_on_write(monkeypatch, errno.EROFS, "Read-only file system")
+    lines = []
+    shown = plots.Outputs(tmp_path / "other", log=lines.append)
+    assert shown.figure(fig, "01") is None and shown.table(table, "t") is None
+    assert shown.figure(fig, "02", fmt="jpg") is None and shown.paths == []
+    assert len(lines) == 1 and lines[0].startswith("note: the analysis goes on, its figures")
+    assert f"cannot write {tmp_path / 'other/figures/01.png'} (Read-only file system)" in lines[0]
+
+
 # ---- damaged run-folder files -------------------------------------------------------------
 def _cut(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
@@ -277,6 +300,7 @@ def test_damaged_run_files_are_named_with_what_to_do(tmp_path):
         ('{"000000000001": [1],\n "000000000001": [2]}', "duplicate image ids ['000000000001']"),
         ('{"000000000001": [1]} \xe9'.encode("latin-1"), "not UTF-8 text (byte 0xe9"),
         ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        ('{"000000000001": [' + "1" * 5000 + "]}", "holds a number too long to read"),
     ],
 )
 def test_broken_submission_files_are_refused_in_words(tmp_path, raw, expected):
@@ -299,6 +323,48 @@ def test_a_test_folder_that_is_not_one_is_said_so(tmp_path, folder):
         with pytest.raises(submission.SubmissionError) as err:
             submission.validate_submission(sub, path)
         assert f"the test folder {path} {said[folder]}" in _message(err)
+
+
+def test_an_empty_test_folder_argument_is_said_so(tmp_path, capsys):
+    """`python -m cocochallenge validate sub.json ""`: os.scandir("") would raise."""
+    path = tmp_path / "submission.json"
+    path.write_text('{"000000000001": [1]}')
+    assert cli.main(["validate", str(path), ""]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("the test folder is an empty name ('')") and err.count("\n") == 1
+
+
+GOOD = '{"000000000001": [1], "000000000002": [3, 7]}'
+
+
+@pytest.mark.parametrize(
+    "sub,answers,expected",
+    [
+        ("[1, 2]", GOOD, "sub.json cannot be scored: the submission must be a JSON object"),
+        (GOOD, "[[1]]", "answers.json cannot be scored: the answers must be a JSON object"),
+        ('{"000000000001": "1"}', GOOD, "000000000001: value must be a list of class indices"),
+        (GOOD, '{"000000000001": [100]}', "000000000001: [100] not class indices"),
+        (GOOD, '{"000000000001": [1.5]}', "000000000001: [1.5] not class indices"),
+        (GOOD, '{"x": [1]}', "key 'x' is not a 12-digit image id"),
+        (GOOD, "{}", "the answers is empty"),
+        (GOOD, None, "answers.json: cannot be read (No such file or directory)"),
+        (GOOD, '{"000000000001": [1', "answers.json: not valid JSON"),
+    ],
+)
+def test_score_says_malformed_input_in_one_line(tmp_path, capsys, sub, answers, expected):
+    (tmp_path / "sub.json").write_text(sub)
+    if answers is not None:
+        (tmp_path / "answers.json").write_text(answers)
+    assert cli.main(["score", str(tmp_path / "sub.json"), str(tmp_path / "answers.json")]) == 1
+    err = capsys.readouterr().err
+    assert expected in err and err.count("\n") == 1
+
+
+def test_answers_need_not_be_sorted_but_a_submission_must(tmp_path):
+    answers = {"000000000001": [7, 3]}
+    assert submission.score_submission({"000000000001": [3, 7]}, answers)["course_f1"] == 1
+    with pytest.raises(submission.SubmissionError, match="must be sorted"):
+        submission.score_submission(answers, answers)
 
 
 def test_an_empty_submission_is_never_valid():

@@ -107,6 +107,10 @@ def test_clean_run_is_packed_without_checkpoints_or_logs(run):
             "submission.json is not valid",
         ),
         (lambda r: (r / "config.json").unlink(), "run/config.json is missing"),
+        (
+            lambda r: (r / "submission.json").write_text('{"000000000001": [' + "1" * 5000 + "]}"),
+            "holds a number too long to read",
+        ),
     ],
 )
 def test_problems_are_said_and_nothing_is_written(run, damage, expected):
@@ -114,6 +118,35 @@ def test_problems_are_said_and_nothing_is_written(run, damage, expected):
     lines = []
     assert handin.pack(run, log=lines.append) is None
     assert expected in "\n".join(lines) and not (run / "handin.zip").exists()
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"{}", b"[]", b'{"cells": [{"cell_type": "code", "source": "\xe9"}]}', b'{"cells": [{"cel'],
+)
+def test_a_damaged_run_notebook_is_one_sentence_and_nothing_is_written(run, raw):
+    """Emptied, replaced by a list, saved in another encoding, or cut off by a full disk."""
+    (run / "challenge.ipynb").write_bytes(raw)
+    lines = []
+    assert handin.pack(run, log=lines.append) is None and not (run / "handin.zip").exists()
+    assert lines[-1] == (
+        f"hand-in NOT written:\n  {run / 'challenge.ipynb'} is not a readable notebook (cut off "
+        "or overwritten): run it again (python run.py, or Run All in Jupyter and save)"
+    )
+
+
+def test_a_link_out_of_the_run_folder_is_not_packed(run, tmp_path):
+    """A figure that links to a file elsewhere is left out, with a line; a link inside is kept."""
+    (tmp_path / "secret.png").write_bytes(b"not the team's")
+    (run / "figures/02.png").symlink_to(tmp_path / "secret.png")
+    (run / "figures/03.png").symlink_to(run / "figures/01.png")
+    lines = []
+    names = zipfile.ZipFile(handin.pack(run, log=lines.append)).namelist()
+    assert "run/figures/03.png" in names and "run/figures/02.png" not in names
+    assert (
+        f"not packed: {run / 'figures/02.png'} is a link to {(tmp_path / 'secret.png').resolve()}, "
+        "outside the run folder" in lines
+    )
 
 
 def test_size_limit_is_a_parameter(run):
