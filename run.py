@@ -6,18 +6,24 @@
 
 The notebooks run through papermill: ``-p NAME VALUE`` sets any parameter of the challenge
 notebook's parameters cell (the value is read as a Python literal when it is one, e.g.
-``-p OPTIONS '{"img_size": 160}'``, else as text). The executed copies are written into the
-run folder cell by cell, so a killed run shows how far it got; the committed notebooks are not
-modified. On a machine without a GPU, ``--data-root`` with no backbone named runs the offline
-CPU recipe (``cpu_recipe.py``) instead of the challenge notebook, and says so.
+``-p OPTIONS '{"img_size": 160}'``, else as text). Each executed copy is saved after every cell
+as ``<run>/challenge.unfinished.ipynb`` (a killed run shows how far it got there), and replaces
+``<run>/challenge.ipynb`` once the notebook has run to its end (the same for analysis.ipynb): a
+run that stops early leaves the last complete run's copy as it was. Ctrl-C interrupts the
+kernel; the same command then continues after the last completed epoch. The committed
+notebooks are not modified. On a machine without a GPU, ``--data-root`` with no backbone named
+runs the offline CPU recipe (``cpu_recipe.py``) instead of the challenge notebook, and says so.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -66,50 +72,170 @@ def parse_value(text: str):
         return text
 
 
-def execute(notebook: Path, out: Path, parameters: dict, quiet: bool = False) -> float:
-    """Execute ``notebook`` with papermill into ``out`` (saved after every cell), then sign it.
+#: papermill's I/O registry picks a writer by how a path starts: the executed copies' paths
+#: start with this, so that papermill saves them through :class:`AtomicSave`.
+ATOMIC = "atomic:"
+#: Seconds a kernel has to end its cell after Ctrl-C before it is stopped.
+INTERRUPT_WAIT = 10
 
-    Signing marks the copy as trusted on this machine: JupyterLab then shows its styled tables
-    as they were made. The kernel's printed lines are passed on as they come, unless ``quiet``.
+
+class AtomicSave:
+    """papermill's writer of the executed copies: each save goes to a temporary file renamed
+    over the copy (``files.atomic_path``), so a full disk or a kill while saving leaves the last
+    good copy, and a full disk is one sentence (``files.CannotWrite``)."""
+
+    @staticmethod
+    def write(buf: str, path: str) -> None:
+        from cocochallenge.files import atomic_path
+
+        with atomic_path(path.removeprefix(ATOMIC)) as tmp:
+            tmp.write_text(buf, encoding="utf-8")
+
+    @staticmethod
+    def pretty_path(path: str) -> str:
+        return path.removeprefix(ATOMIC)
+
+
+def execute(notebook: Path, out: Path, parameters: dict, quiet: bool = False) -> float:
+    """Execute ``notebook`` with papermill into ``out``, then sign it.
+
+    The copy is saved after every cell as ``unfinished(out)`` and replaces ``out`` only once
+    the notebook has run to its end: a run that stops (a stale setting, a data error, Ctrl-C, a
+    bug) leaves the last complete run's ``out`` as it was. Signing marks the copy as trusted on
+    this machine: JupyterLab then shows its styled tables as they were made. The kernel's
+    printed lines are passed on as they come, unless ``quiet``. Ctrl-C interrupts the kernel
+    (:func:`interrupting`) and raises KeyboardInterrupt here once the kernel has stopped.
     """
     import tempfile
 
-    import nbformat
     import papermill
     from jupyter_client import KernelManager
-    from nbformat.sign import NotebookNotary
+    from papermill.exceptions import PapermillExecutionError
 
+    from cocochallenge.handin import unfinished
+
+    out, copy = Path(out).absolute(), unfinished(Path(out).absolute())
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     stream = None if quiet else sys.stdout
+    ran = False
     try:
         with tempfile.TemporaryDirectory() as sockets:
-            # the kernel talks over local sockets, not TCP: nothing to eavesdrop, no warning
-            km = KernelManager(kernel_name="python3", transport="ipc", ip=f"{sockets}/kernel")
+            # the kernel talks over local sockets, not TCP: nothing to eavesdrop, no warning.
+            # papermill's client waits for the kernel's output without blocking (as nbclient's
+            # own default does): a blocking one would wait for ever on a kernel that died
+            km = KernelManager(
+                kernel_name="python3",
+                transport="ipc",
+                ip=f"{sockets}/kernel",
+                client_class="jupyter_client.asynchronous.AsyncKernelClient",
+            )
             try:
-                papermill.execute_notebook(
-                    str(notebook), str(out), parameters=parameters, cwd=str(ROOT), km=km,
-                    progress_bar=False, stdout_file=stream,
-                    stderr_file=None if quiet else sys.stderr,
-                )  # fmt: skip
+                with interrupting(km) as pressed:
+                    try:
+                        papermill.execute_notebook(
+                            str(notebook), atomic_output(copy), parameters=parameters,
+                            cwd=str(ROOT), km=km, progress_bar=False, stdout_file=stream,
+                            stderr_file=None if quiet else sys.stderr,
+                        )  # fmt: skip
+                    except PapermillExecutionError as err:
+                        if err.ename != "KeyboardInterrupt":
+                            raise
+                        raise KeyboardInterrupt from None
+                    except Exception:
+                        if pressed:  # the kernel was stopped: it died under papermill
+                            raise KeyboardInterrupt from None
+                        raise
+                ran = True
             finally:  # a kernel manager handed to papermill is ours to stop: asked, not killed,
                 if km.has_kernel:  # its exit releases the run folder (files.hold_run_folder)
                     km.shutdown_kernel(now=False)
     finally:
-        if out.exists():
-            nb = nbformat.read(out, as_version=4)
-            nb.metadata["kernelspec"] = KERNELSPEC
-            paths = nb.metadata.get("papermill", {})
-            for key in ("input_path", "output_path"):  # no machine's folders in a notebook
-                if paths.get(key):
-                    paths[key] = os.path.relpath(paths[key], ROOT)
-            tidy_outputs(nb)
-            nbformat.write(nb, out)
-            try:
-                NotebookNotary().sign(nb)
-            except Exception as err:  # a read-only Jupyter data folder: unsigned, still valid
-                print(f"note: could not sign {out} as trusted ({err})")
+        if copy.exists():
+            finish(copy, out if ran else copy)
+    os.replace(copy, out)  # only here, after the notebook's last cell
     return time.perf_counter() - t0
+
+
+def atomic_output(path: Path) -> str:
+    """The output path to hand papermill for ``path``: it then saves it with :class:`AtomicSave`."""
+    from papermill.iorw import papermill_io
+
+    if papermill_io.get_handler(ATOMIC) is not AtomicSave:
+        papermill_io.register(ATOMIC, AtomicSave)
+    return ATOMIC + str(path)
+
+
+@contextlib.contextmanager
+def interrupting(km):
+    """Ctrl-C while ``km``'s kernel runs a cell interrupts the kernel, which left alone would
+    run its cell to the end: its cell ends with KeyboardInterrupt and papermill saves the copy
+    and stops. A kernel that has not stopped ``INTERRUPT_WAIT`` seconds later, or at a second
+    Ctrl-C, is killed. Yields the list of the Ctrl-C presses so far (empty: none)."""
+    pressed, stopped = [], threading.Event()
+
+    def kill_later():
+        if not stopped.wait(INTERRUPT_WAIT):
+            km.signal_kernel(signal.SIGKILL)
+
+    def on_sigint(signum, frame):
+        if not km.has_kernel:
+            raise KeyboardInterrupt
+        pressed.append(signum)
+        if len(pressed) > 1:
+            km.signal_kernel(signal.SIGKILL)
+            return
+        print("\nCtrl-C: interrupting the kernel (Ctrl-C again stops it at once)", flush=True)
+        km.interrupt_kernel()
+        threading.Thread(target=kill_later, daemon=True).start()
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield pressed
+    finally:
+        stopped.set()
+        signal.signal(signal.SIGINT, previous)
+
+
+def finish(copy: Path, shown: Path) -> None:
+    """The executed ``copy`` made readable: JupyterLab's kernel name, no machine's folders in
+    its metadata (``shown``: where it will be), text outputs as a terminal shows them; saved
+    atomically, then signed as trusted."""
+    import nbformat
+    from nbformat.sign import NotebookNotary
+
+    from cocochallenge.files import atomic_path
+
+    nb = nbformat.read(copy, as_version=4)
+    nb.metadata["kernelspec"] = KERNELSPEC
+    paths = nb.metadata.get("papermill", {})
+    if paths.get("input_path"):
+        paths["input_path"] = os.path.relpath(paths["input_path"], ROOT)
+    paths["output_path"] = os.path.relpath(shown, ROOT)
+    tidy_outputs(nb)
+    with atomic_path(copy) as tmp:
+        nbformat.write(nb, tmp)
+    try:
+        NotebookNotary().sign(nb)
+    except Exception as err:  # a read-only Jupyter data folder: unsigned, still valid
+        print(f"note: could not sign {shown} as trusted ({err})")
+
+
+def stopped_at(copy: Path) -> str:
+    """Where the run saved in ``copy`` stopped: its last started cell, and that cell's section."""
+    import nbformat
+
+    try:
+        cells = nbformat.read(copy, as_version=4).cells
+    except Exception:  # nothing saved yet, or the disk filled up while saving
+        return "before its first cell"
+    started = [i for i, c in enumerate(cells) if c.metadata.get("papermill", {}).get("start_time")]
+    if not started:
+        return "before its first cell"
+    headings = [c.source.splitlines()[0].lstrip("# ") for c in cells[: started[-1]]
+                if c.cell_type == "markdown" and c.source.startswith("#")]  # fmt: skip
+    where = f"cell {cells[started[-1]].get('execution_count') or '(not started)'}"
+    return where + (f' (section "{headings[-1]}")' if headings else "")
 
 
 def tidy_outputs(nb) -> None:
@@ -172,7 +298,8 @@ def parameters_of(args) -> dict:
     demo = args.data_root in (None, "demo")  # demo data only when asked for, or by default
     params = dict(SMOKE if args.smoke else DEMO if demo else {})
     if not demo:
-        params["DATA_ROOT"] = from_root(Path(args.data_root).expanduser().resolve(), args.data_root)
+        path = resolved(Path(args.data_root).expanduser(), "--data-root", args.data_root)
+        params["DATA_ROOT"] = from_root(path, args.data_root)
         params.setdefault("RUN_DIR", "runs/main")
     if args.backbones:
         params["BACKBONES"] = [b.strip() for b in args.backbones.split(",") if b.strip()]
@@ -180,14 +307,36 @@ def parameters_of(args) -> dict:
         params[name] = parse_value(value)
     if args.run_dir:
         params["RUN_DIR"] = args.run_dir
-    params["RUN_DIR"] = from_root((ROOT / params["RUN_DIR"]).resolve(), params["RUN_DIR"])
+    option = "--run-dir" if args.run_dir else "RUN_DIR"
+    path = resolved(ROOT / params["RUN_DIR"], option, params["RUN_DIR"])
+    params["RUN_DIR"] = from_root(path, params["RUN_DIR"])
     return params
+
+
+class LinkLoop(ValueError):
+    """A folder given on the command line is a loop of symbolic links."""
+
+
+def resolved(path: Path, option: str, typed: str) -> Path:
+    """``path.resolve()``; a loop of symbolic links is a :class:`LinkLoop` naming ``option``."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError):  # "Symlink loop from ..." (OSError ELOOP from Python 3.13)
+        raise LinkLoop(
+            f"{option} {typed} is a loop of symbolic links (a link that leads back to itself; "
+            f"`ls -l {typed}` shows where it points): give the folder itself, or fix the link"
+        ) from None
 
 
 def from_root(path: Path, typed: str) -> str:
     """``path`` for the kernels, which start in the repository: relative to it when ``typed``
     was relative (the executed notebooks then show no machine's folders), else absolute."""
     return os.path.relpath(path, ROOT) if not Path(typed).expanduser().is_absolute() else str(path)
+
+
+def kept(out: Path) -> str:
+    """Said after a stopped run's copy: the last complete run's copy, where there is one."""
+    return f"; {out} is still the last complete run's" if out.exists() else ""
 
 
 def main(argv=None) -> int:
@@ -221,7 +370,10 @@ def main(argv=None) -> int:
             "--data-root is empty: give the unzipped ms-coco folder, or leave --data-root out "
             "(or give --data-root demo) for generated demo data"
         )
-    params = parameters_of(args)
+    try:
+        params = parameters_of(args)
+    except LinkLoop as err:
+        parser.error(str(err))
     os.chdir(ROOT)  # the paths in params are the kernels', which start here
     run_dir = Path(params["RUN_DIR"])
     stray = sorted(k for k in os.environ if k.startswith("COCO_") and k != "COCO_HEADLESS")
@@ -238,7 +390,9 @@ def main(argv=None) -> int:
 
     from papermill.exceptions import PapermillExecutionError
 
-    t0 = time.perf_counter()
+    from cocochallenge.handin import unfinished
+
+    t0, running = time.perf_counter(), None
     try:
         from cocochallenge.files import hold_run_folder
 
@@ -250,24 +404,38 @@ def main(argv=None) -> int:
                   "frozen EfficientNet-Lite0/1/2 at their own size and at 384 px, logistic "
                   "heads, their ensemble, out-of-fold thresholds), not the challenge "
                   "notebook; name --backbones to run the notebook", flush=True)  # fmt: skip
+            running = "the CPU recipe"
             cpu_recipe.run(params["DATA_ROOT"], run_dir, seed=params.get("SEED", 0))
         else:
-            out = run_dir / "challenge.ipynb"
+            running = out = run_dir / "challenge.ipynb"
             seconds = execute(ROOT / "challenge.ipynb", out, params, args.quiet)
             print(f"challenge notebook: {seconds:.0f}s -> {out}", flush=True)
         if not args.no_analysis:
-            out = run_dir / "analysis.ipynb"
+            running = out = run_dir / "analysis.ipynb"
             seconds = execute(
                 ROOT / "analysis.ipynb", out, {"RUN_DIR": params["RUN_DIR"]}, args.quiet
             )
             print(f"analysis notebook: {seconds:.0f}s -> {out}", flush=True)
+    except KeyboardInterrupt:
+        if running == "the CPU recipe":
+            said = (
+                "in the CPU recipe. Run the same command again: the networks it fitted are reused."
+            )
+        elif running:
+            said = (f"in {running.name}, {stopped_at(unfinished(running))}; its executed copy "
+                    f"up to there: {unfinished(running)}{kept(running)}. Run the same command "
+                    "again: it continues after the last completed epoch.")  # fmt: skip
+        else:
+            said = "before anything ran."
+        print(f"\nstopped (Ctrl-C) {said}", file=sys.stderr)
+        return 130
     except PapermillExecutionError as err:
         print(f"\n{err.ename}: {err.evalue}", file=sys.stderr)
         if err.ename not in SELF_EXPLAINING:
             print("".join(err.traceback[-3:]), file=sys.stderr)
-        print(f"(the full traceback is in the executed notebook in {run_dir})", file=sys.stderr)
+        print(f"(the full traceback is in {unfinished(running)}{kept(running)})", file=sys.stderr)
         return 1
-    except Exception as err:  # the CPU recipe runs here, not in a kernel
+    except Exception as err:  # the CPU recipe runs here, not in a kernel; a full disk
         if type(err).__name__ not in SELF_EXPLAINING:
             raise
         print(f"\n{type(err).__name__}: {err}", file=sys.stderr)

@@ -64,6 +64,13 @@ def read_notebook(path: Path) -> dict | None:
     return None
 
 
+def unfinished(path: Path) -> Path:
+    """Where ``run.py`` saves its executed copy of the notebook ``path`` (in the run folder)
+    until it has run to its end: only then does the copy replace ``path``. A run that stopped
+    leaves it there, and ``path`` as the last complete run's, which the hand-in packs."""
+    return path.with_name(f"{path.stem}.unfinished{path.suffix}")
+
+
 def notebook_problems(path: Path, run_dir: Path) -> list[str]:
     """Why a notebook is not a clean top-to-bottom run of this run folder ([] when it is).
 
@@ -262,6 +269,10 @@ def pack(run_dir: Path | str, out: Path | str | None = None, max_mb: float = 20.
     problems = [f"{name} is missing" for name in required if name not in files]
     held_note(run_dir, log)
     notebooks = {files[n]: read_notebook(files[n]) for n in NOTEBOOKS if n in files}
+    for path in notebooks:
+        later = unfinished(run_dir / path.name)
+        if later.is_file() and later.stat().st_mtime > path.stat().st_mtime:
+            log(f"note: {later} is a later run that stopped before its end; packed: {path}")
     readable = {path: nb for path, nb in notebooks.items() if nb is not None}  # else a problem
     for warning in warnings_for(readable):  # the report itself: said, not blocking
         log(f"WARNING: {warning}")

@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 GUARDS = "tests/test_guards.py"
 HANDIN = "tests/test_handin.py"
 FILES = "tests/test_files.py"
+RUN_PY = "tests/test_run_py.py"
 
 #: (name, file, text, its replacement, the quick test that must catch it)
 MUTANTS = [
@@ -253,6 +254,34 @@ MUTANTS = [
     ("analysis: one note, not one per file", "cocochallenge/plots.py",
      "        if self.failed:\n", "        if False:\n",
      f"{GUARDS}::test_the_analysis_goes_on_where_the_run_folder_cannot_be_written"),
+    # branch runpy: run.py's executed notebooks, Ctrl-C, link loops
+    ("run.py: the copy saved in place", "run.py",
+     "    return ATOMIC + str(path)", "    return str(path)",
+     f"{RUN_PY}::test_a_full_disk_part_way_through_a_save_keeps_the_last_copy"),
+    ("run.py: AtomicSave in place", "run.py",
+     "with atomic_path(path.removeprefix(ATOMIC)) as tmp:",
+     "with contextlib.nullcontext(Path(path.removeprefix(ATOMIC))) as tmp:",
+     f"{RUN_PY}::test_a_full_disk_part_way_through_a_save_keeps_the_last_copy"),
+    ("run.py: a stopped run replaces the copy", "run.py",
+     "            finish(copy, out if ran else copy)\n",
+     "            finish(copy, out)\n            os.replace(copy, out)\n",
+     f"{RUN_PY}::test_only_a_run_that_went_to_its_end_replaces_the_executed_notebook"),
+    ("hand-in: a later stopped run unsaid", "cocochallenge/handin.py",
+     "        if later.is_file() and", "        if False and",
+     f"{RUN_PY}::test_only_a_run_that_went_to_its_end_replaces_the_executed_notebook"),
+    ("run.py: Ctrl-C, no kernel interrupt", "run.py",
+     "        km.interrupt_kernel()\n", "",
+     f"{RUN_PY}::test_ctrl_c_interrupts_the_kernel_or_stops_one_that_goes_on"),
+    ("run.py: Ctrl-C, the old handling", "run.py",
+     "    previous = signal.signal(signal.SIGINT, on_sigint)",
+     "    previous = signal.getsignal(signal.SIGINT)",
+     f"{RUN_PY}::test_ctrl_c_interrupts_the_kernel_or_stops_one_that_goes_on"),
+    ("run.py: Ctrl-C, a busy kernel goes on", "run.py",
+     "        if not stopped.wait(INTERRUPT_WAIT):\n", "        if False:\n",
+     f"{RUN_PY}::test_ctrl_c_interrupts_the_kernel_or_stops_one_that_goes_on"),
+    ("run.py: a link loop's traceback", "run.py",
+     "    except (RuntimeError, OSError):", "    except NotImplementedError:",
+     f"{RUN_PY}::test_a_folder_that_is_a_loop_of_links_is_said_in_one_sentence"),
 ]  # fmt: skip
 
 

@@ -410,6 +410,8 @@ def rehearse(out: Path, args) -> tuple[dict, list[dict], list[dict]]:
     cells = []
     for label in ("challenge", "analysis"):
         path = run_dir / f"{label}.ipynb"
+        if not path.is_file():  # a run that stopped: its copy up to there (run.py)
+            path = run_dir / f"{label}.unfinished.ipynb"
         if path.is_file():
             cells += notebook_cells(json.loads(path.read_text()), label)
     stages = sections(cells)
