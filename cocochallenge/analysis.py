@@ -293,17 +293,6 @@ def threshold_steps(
     return pd.DataFrame(rows).set_index("step")
 
 
-def pick_classes(support, n: int = 4) -> dict:
-    """``{"frequent": [...], "rare": [...]}``: the ``n`` classes with most and fewest validation
-    positives (rare ones among classes with at least one; the two lists never overlap)."""
-    support = np.asarray(support)
-    has = np.flatnonzero(support > 0)
-    order = has[np.argsort(-support[has], kind="stable")]
-    frequent = [int(c) for c in order[:n]]
-    rare = [int(c) for c in order[::-1] if c not in frequent][:n]
-    return {"frequent": frequent, "rare": rare}
-
-
 def error_examples(
     targets: np.ndarray, pred: np.ndarray, probs: np.ndarray, cls: int, n: int = 3
 ) -> tuple:

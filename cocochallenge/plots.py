@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 
-def plot_history(run_dir: Path | str, names: list[str], save: bool = True):
+def plot_history(run_dir: Path | str, names: list[str]):
     """Loss, mAP and course F1 at 0.5 per epoch for each model, training (without
     augmentation, dotted) against validation (solid); None when no model was trained by epochs.
 
@@ -60,8 +60,6 @@ def plot_history(run_dir: Path | str, names: list[str], save: bool = True):
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=10,
                frameon=False, bbox_to_anchor=(0.5, -0.02))  # fmt: skip
     fig.tight_layout(rect=(0, 0.1, 1, 1))
-    if save:
-        fig.savefig(Path(run_dir) / "training_curves.png", dpi=110)
     return fig
 
 
@@ -319,56 +317,6 @@ def plot_evidence(evidence: pd.DataFrame):
     ax.legend(
         fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.5 / len(evidence) - 0.04), ncol=2
     )
-    fig.tight_layout()
-    return fig
-
-
-def plot_pr_curves(targets: np.ndarray, probs: np.ndarray, thresholds, groups: dict):
-    """Precision-recall curves of a few classes per group, the chosen threshold marked.
-
-    The red dot is where the per-class threshold puts the class; the dotted line is the
-    class's prevalence (a random ranking). A frequent class has a smooth curve whose
-    threshold barely matters; a rare class has a few steps, and its threshold is fitted to
-    a handful of images.
-    """
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import average_precision_score, precision_recall_curve
-
-    y = np.asarray(targets).astype(bool)
-    thr = np.broadcast_to(np.asarray(thresholds, dtype=float), (y.shape[1],))
-    ncol = max([len(v) for v in groups.values()] + [1])
-    fig, axes = plt.subplots(
-        len(groups), ncol, figsize=(3.2 * ncol, 3.2 * len(groups)), squeeze=False
-    )
-    for row, (label, classes) in enumerate(groups.items()):
-        for col in range(ncol):
-            ax = axes[row, col]
-            if col >= len(classes):
-                ax.axis("off")
-                continue
-            c = classes[col]
-            p, r, _ = precision_recall_curve(y[:, c], probs[:, c])
-            ax.step(r, p, where="post", lw=1.5)
-            pred = probs[:, c] > thr[c]
-            tp = int((pred & y[:, c]).sum())
-            ax.plot(
-                tp / max(y[:, c].sum(), 1),
-                tp / max(pred.sum(), 1),
-                "o",
-                color="red",
-                label=f"threshold {thr[c]:.2f}",
-            )
-            ax.axhline(y[:, c].mean(), color="grey", ls=":", lw=1)
-            ap = average_precision_score(y[:, c], probs[:, c])
-            ax.set_title(
-                f"{label}: {CLASSES[c]}\n{int(y[:, c].sum())} positives, AP {ap:.2f}", fontsize=9
-            )
-            ax.set_xlim(-0.02, 1.02)
-            ax.set_ylim(-0.02, 1.02)
-            ax.set_xlabel("recall", fontsize=8)
-            ax.set_ylabel("precision", fontsize=8)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     return fig
 

@@ -193,16 +193,6 @@ def test_label_count_table_counts_and_caps():
     assert t.shape == (11, 11)
 
 
-def test_pick_classes_frequent_and_rare_do_not_overlap():
-    support = np.zeros(C, dtype=int)
-    support[:6] = [50, 40, 3, 2, 1, 30]
-    g = analysis.pick_classes(support, 3)
-    assert g["frequent"] == [0, 1, 5]
-    assert g["rare"] == [4, 3, 2]  # classes without positives never
-    small = analysis.pick_classes(support, 4)
-    assert not set(small["frequent"]) & set(small["rare"])
-
-
 def test_threshold_steps_are_held_out_with_paired_gains_and_skip_what_is_missing():
     from cocochallenge import compare
 
@@ -294,12 +284,6 @@ def test_every_figure_draws_and_saves(run_dir):
             run.thresholds, run.targets.sum(0), run.global_thresholds
         ),
         "steps": plots.plot_threshold_steps(steps),
-        "pr": plots.plot_pr_curves(
-            run.targets,
-            run.probs["m_a"],
-            run.thresholds["m_a"],
-            analysis.pick_classes(run.targets.sum(0), 2),
-        ),
         "errors": plots.plot_error_grid(
             [run.image_path(s) for s in run.stems], run.targets, pred, run.probs["m_a"], [0, 1], 2
         ),
@@ -307,14 +291,14 @@ def test_every_figure_draws_and_saves(run_dir):
             {"truth": analysis.cooccurrence(run.targets), "pred": analysis.cooccurrence(pred)}
         ),
         "counts": plots.plot_label_counts(analysis.label_count_table(run.targets, pred)),
-        "history": plots.plot_history(run_dir, run.names, save=False),
+        "history": plots.plot_history(run_dir, run.names),
     }
     for name, fig in figs.items():
         path = plots.save_figure(fig, run_dir, name)
         assert path == run_dir / "figures" / f"{name}.png"
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
         plt.close(fig)
-    assert not (run_dir / "training_curves.png").exists()  # save=False writes nothing
+    assert not (run_dir / "training_curves.png").exists()  # drawing writes nothing
 
 
 def test_points_lost_add_up_to_the_course_metric():
