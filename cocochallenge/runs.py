@@ -247,6 +247,12 @@ def check_models(run_dir: Path | str, names: list[str], cfg: dict, ids: dict, am
     from .models import preprocess_for
 
     hold_run_folder(run_dir, log)
+    split_file = Path(run_dir) / "split.json"
+    if "split" in ids and split_file.exists() and load_json(split_file)["id"] != ids["split"]:
+        raise StaleRunError(  # another kernel made it again between this one's two cells
+            f"{split_file} changed since this notebook read it (another run in this folder "
+            "between two cells?): run the notebook again from the split cell."
+        )
     asked = set(names) if "all" in cfg["retrain"] else set(cfg["retrain"])
     status, settings = {}, {}
     for name in names:

@@ -384,3 +384,25 @@ def test_equal_f1_cuts_keep_the_highest_threshold():
     probs[:, 0], y[:, 0] = scores, labels
     t = metrics.per_class_thresholds(y, probs, min_positives=1)
     assert t[0] == pytest.approx((0.494 + 0.383) / 2)
+
+
+def test_a_split_made_again_by_another_kernel_between_two_cells_stops_the_check(
+    tmp_path, demo_root
+):
+    """The lock lasts a cell: a second kernel may make the split again while the first sits
+    between its split cell and its check before training; the first then stops, in words."""
+    import helpers as h
+    from cocochallenge import data
+
+    paths = data.data_paths(demo_root)
+    train_set = h.COCOTrainImageDataset(paths["train_images"], paths["train_labels"])
+    test_set = h.COCOTestImageDataset(paths["test_images"])
+    Y = data.labels_of(train_set)
+    inventory, run_dir = data.inventory(train_set, Y), tmp_path / "run"
+    split.load_or_make_split(data.stems(train_set), Y, run_dir / "split.json", 0.2, 0, inventory)
+    ids = runs.run_ids(run_dir, inventory, test_set)  # the first kernel's split cell
+    split.load_or_make_split(data.stems(train_set), Y, run_dir / "split.json", 0.3, 0, inventory)
+    cfg = {**CFG, "run_dir": str(run_dir), "retrain": [], "frozen_only": []}
+    with pytest.raises(files.StaleRunError, match="changed since this notebook read it"):
+        runs.check_models(run_dir, ["efficientnet_lite0"], cfg, ids)
+    assert not (run_dir / "models").exists()
