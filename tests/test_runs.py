@@ -354,7 +354,7 @@ def test_the_notebook_and_the_cpu_recipe_choose_the_same_thresholds():
     import cpu_recipe
 
     cell = next(c for c in _notebook_cells("challenge.ipynb") if "def thresholds_for(" in c)
-    cell = cell[: cell.index("kept = ")]  # the rule itself, not what the run saves with it
+    cell = cell[: cell.index("files.hold_run_folder")]  # the rule, not what the run saves
     rng = np.random.default_rng(0)
     y = (rng.random((150, 80)) < 0.08).astype(np.uint8)
     p = np.clip(y * 0.5 + rng.random((150, 80)) * 0.5, 0, 1)
