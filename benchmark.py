@@ -16,7 +16,8 @@ measures, each time the course's way against the library's:
    the same dropout masks, so their mAPs differ only by the float16 rounding of the cache;
 2. training DataLoader throughput: ``DataLoader(ds, B, shuffle=True)`` with the course's
    ``Resize((224, 224))`` transform in the main process, against ``make_loader`` with the
-   library's training transform (flip, TrivialAugment, erasing) and workers;
+   library's training transform (flip, TrivialAugment, erasing) and the device's workers (none
+   on a CPU, ``config.device_choices``);
 3. fine-tuning throughput per backbone on random tensors (compute only): the course's
    ``train_loop`` as the course calls it (fp32, contiguous, plain AdamW), against the same loop
    on a channels-last model with ``amp_settings`` autocast (none on the CPU) and
@@ -25,9 +26,11 @@ measures, each time the course's way against the library's:
 5. peak memory of each part (process RSS; CUDA max allocated on a GPU);
 6. building the training dataset and the split from ``--label-files`` generated ``.cls`` files,
    in a subprocess so that its peak RSS is its own;
-7. on a CPU, glibc's default allocator against ``config.keep_freed_memory`` (which this process
-   uses unless ``--keep-freed-memory no``): wall, user and system seconds and minor page
-   faults of feature extraction and of a fine-tuning epoch, each in fresh processes;
+7. on a CPU, glibc's default allocator against keeping freed memory (``mallopt`` in the
+   process, ``config.keep_freed_memory``, which this process uses unless ``--keep-freed-memory
+   no``; and ``GLIBC_TUNABLES`` from its start, as run.py does): wall, user and system seconds
+   and minor page faults of both paths, each in fresh processes: the CPU recipe's feature
+   pass at 384 px, and the notebook's fine-tuning epoch and validation with its loaders;
 8. the analysis at the course's size, on synthetic scores of 6,500 validation images x 80
    classes (COCO-like class imbalance) and 3 networks, in a fresh process (its own peak RSS):
    the paired comparison (``compare.cross_fitted`` then ``compare.compare``, 1,000 resamples)
@@ -1130,21 +1133,24 @@ def print_table(res: dict) -> None:
     if al:
         lines += [
             "",
-            f"7. The allocator (Lite0, {al['img_size']} px, fresh processes, best of rounds): "
-            f"features of {al['n_feature_images']} images, a fine-tuning epoch of "
-            f"{al['n_train_images']}",
-            f"   {'':42}{'wall s':>8}{'user s':>8}{'sys s':>8}{'minor faults':>14}",
+            "7. The allocator on both paths (Lite0, fresh processes, best of rounds; finished "
+            "loader workers counted): the CPU recipe's features of "
+            f"{al['n_feature_images']} images at {al['feature_size']} px (no loader workers); the "
+            f"notebook's fine-tuning epoch of {al['n_train_images']} and validation of "
+            f"{al['n_val_images']} at {al['img_size']} px ({al['workers']} loader workers)",
+            f"   {'':36}{'wall s':>8}{'user s':>8}{'sys s':>8}{'sys/user':>10}{'minor faults':>14}",
         ]
         for mode, label in (("default", "glibc's default"), ("keep", "mallopt (keep_freed)"),
                             ("env", "GLIBC_TUNABLES (run.py)")):  # fmt: skip
-            for part in ("features", "finetune_epoch"):
-                v = al[mode][part]
+            for path in ALLOCATOR_PATHS:
+                v = al[mode][path]
                 lines.append(
-                    f"   {label + ', ' + part.replace('_', ' '):42}{fmt(v['wall']):>8}"
-                    f"{fmt(v['user']):>8}{fmt(v['sys']):>8}{v['minor_faults']:>14,}"
+                    f"   {label + ', ' + path.replace('_', ' '):36}{fmt(v['wall']):>8}"
+                    f"{fmt(v['user']):>8}{fmt(v['sys']):>8}"
+                    f"{v['sys'] / max(v['user'], 1e-9):>10.0%}{v['minor_faults']:>14,}"
                 )
         lines.append("   speed-up over the default: " + ", ".join(
-            f"{k} {fmt(v, 2)}x" for k, v in al["speedup"].items()))  # fmt: skip
+            f"{k.replace('_', ' ')} {fmt(v, 2)}x" for k, v in al["speedup"].items()))  # fmt: skip
     an = res.get("analysis")
     if an:
         steps = ", ".join(f"{k} {fmt(v)}" for k, v in an["analysis_steps"].items())
@@ -1194,76 +1200,96 @@ def print_table(res: dict) -> None:
 # Main
 # =============================================================================================
 # =============================================================================================
-# 7. The allocator: glibc's default against keeping freed memory (config.keep_freed_memory)
+# 7. The allocator on both paths: glibc's default against keeping freed memory
 # =============================================================================================
-def allocator_probe(mode: str, img_size: int, n_features: int, n_train: int, seed: int) -> int:
-    """Run inside a subprocess: feature extraction, then a fine-tuning epoch, each with its wall,
-    user and system seconds and minor page faults: glibc's default, ``keep`` (mallopt in this
-    process) or ``env`` (``GLIBC_TUNABLES`` set before the process started, as run.py does)."""
+#: The CPU recipe's larger input size (cpu_recipe.MEMBERS): its costliest feature sets.
+RECIPE_SIZE = 384
+#: The two paths of part 7: run.py's CPU recipe, and the challenge notebook's training.
+ALLOCATOR_PATHS = ("cpu_recipe", "notebook")
+
+
+def allocator_probe(mode: str, sizes: tuple, seed: int) -> int:
+    """Run inside a subprocess: each path's work on random images, with its wall, user and
+    system seconds and minor page faults (this process and its finished loader workers): the
+    CPU recipe's feature pass (``extract_features`` over batches of 32, no loader workers, as
+    ``cpu_recipe.run``) and the notebook's training (a fine-tuning epoch of batches of 32 and
+    its validation, through ``make_loader`` with the workers ``config.device_choices`` gives a
+    CPU). ``mode``: glibc's default, ``keep`` (mallopt in this process) or ``env``
+    (``GLIBC_TUNABLES`` set before the process started, as run.py does)."""
+    from torch.utils.data import TensorDataset
+
+    n_features, feature_size, n_train, n_val, size = sizes
     note = config.keep_freed_memory() if mode == "keep" else f"allocator: {mode}"
+    cpu = torch.device("cpu")
+    workers = config.device_choices(cpu)["workers"]
     torch.manual_seed(seed)
     model, _ = models.build_model("efficientnet_lite0", pretrained=False)
-    model = model.to(memory_format=torch.channels_last)
     gen = torch.Generator().manual_seed(seed)
-    feats_x = torch.randn(64, 3, img_size, img_size, generator=gen)
-    train_x = torch.randn(32, 3, img_size, img_size, generator=gen)
-    train_y = (torch.rand(32, config.NUM_CLASSES, generator=gen) < 0.04).float()
+
+    def images(n, px):
+        x = torch.randn(n, 3, px, px, generator=gen)
+        return TensorDataset(x, (torch.rand(n, config.NUM_CLASSES, generator=gen) < 0.04).float())
+
+    recipe_set, train_set, val_set = (images(n_features, feature_size), images(n_train, size),
+                                      images(n_val, size))  # fmt: skip
     criterion = nn.BCEWithLogitsLoss()
     groups = models.param_groups(model, 1e-4, 0.1)
-    optimizer = training.make_optimizer(groups, torch.device("cpu"), 1e-4)
-    model.train()
-    h.train_loop([(train_x, train_y)], model, criterion, optimizer, "cpu")  # warm-up: not timed
+    optimizer = training.make_optimizer(groups, cpu, 1e-4)
+    h.train_loop([train_set[:32]], model, criterion, optimizer, "cpu")  # warm-up: not timed
+    with torch.inference_mode():
+        model.backbone.eval()(recipe_set[:32][0])
+
+    def usage():  # this process and its finished children (the loader workers)
+        return [resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
 
     def timed(fn):
-        r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        r0, t0 = usage(), time.perf_counter()
         fn()
-        r1 = resource.getrusage(resource.RUSAGE_SELF)
-        return {
-            "wall": time.perf_counter() - t0,
-            "user": r1.ru_utime - r0.ru_utime,
-            "sys": r1.ru_stime - r0.ru_stime,
-            "minor_faults": r1.ru_minflt - r0.ru_minflt,
-        }
+        r1, wall = usage(), time.perf_counter() - t0
+        diff = lambda key: sum(getattr(b, key) - getattr(a, key) for a, b in zip(r0, r1))  # noqa: E731
+        return {"wall": wall, "user": diff("ru_utime"), "sys": diff("ru_stime"),
+                "minor_faults": diff("ru_minflt")}  # fmt: skip
 
-    def extract():
-        with torch.inference_mode():
-            for _ in range(max(1, n_features // 64)):
-                model.backbone.eval()(feats_x)
+    def recipe():
+        loader = transforms.make_loader(recipe_set, 32, False, cpu, workers=0)
+        training.extract_features(model.backbone, loader, cpu, show_progress=False)
 
-    def epoch():
-        batches = [(train_x, train_y)] * max(1, n_train // 32)
-        h.train_loop(batches, model, criterion, optimizer, "cpu")
+    def notebook():
+        h.train_loop(transforms.make_loader(train_set, 32, True, cpu, workers), model,
+                     criterion, optimizer, "cpu")  # fmt: skip
+        training.predict(model, transforms.make_loader(val_set, 64, False, cpu, workers), cpu,
+                         show_progress=False)  # fmt: skip
 
-    print(json.dumps({"mode": mode, "note": note, "features": timed(extract),
-                      "finetune_epoch": timed(epoch)}))  # fmt: skip
+    print(json.dumps({"mode": mode, "note": note, "workers": workers, "cpu_recipe": timed(recipe),
+                      "notebook": timed(notebook)}))  # fmt: skip
     return 0
 
 
 def bench_allocator(args) -> dict:
     """Each mode in fresh processes (the setting acts on a whole process), in alternation."""
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
-    n_features, n_train = (64, 32) if args.quick else (640, 320)
+    feature_size = args.img_size if args.quick else RECIPE_SIZE
+    sizes = (32, feature_size, 32, 16, args.img_size) if args.quick else (
+        160, feature_size, 256, 64, args.img_size)  # fmt: skip
     import run  # the setting run.py starts itself with
 
     runs = {"default": [], "keep": [], "env": []}
-    tunable = run.kernel_environment()["GLIBC_TUNABLES"]
     for _ in range(max(1, args.rounds - 1)):
         for mode in runs:
-            cmd = [sys.executable, str(ROOT / "benchmark.py"), "--allocator-probe", mode,
-                   "--img-size", str(args.img_size), "--seed", str(args.seed),
-                   "--probe-sizes", f"{n_features},{n_train}"]  # fmt: skip
-            mode_env = {**env, "GLIBC_TUNABLES": tunable} if mode == "env" else env
+            cmd = [sys.executable, str(ROOT / "benchmark.py"), "--allocator-probe", mode, "--seed",
+                   str(args.seed), "--probe-sizes", ",".join(map(str, sizes))]  # fmt: skip
+            mode_env = {**env, "GLIBC_TUNABLES": run.TUNABLES} if mode == "env" else env
             out = subprocess.run(cmd, env=mode_env, capture_output=True, text=True, check=True)
             runs[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
-    res = {"n_feature_images": n_features, "n_train_images": n_train, "img_size": args.img_size}
+    res = dict(zip(("n_feature_images", "feature_size", "n_train_images", "n_val_images",
+                    "img_size"), sizes), workers=runs["env"][0]["workers"])  # fmt: skip
     for mode, rounds in runs.items():
-        res[mode] = {part: min((r[part] for r in rounds), key=lambda x: x["wall"])
-                     for part in ("features", "finetune_epoch")}  # fmt: skip
+        res[mode] = {path: min((r[path] for r in rounds), key=lambda x: x["wall"])
+                     for path in ALLOCATOR_PATHS}  # fmt: skip
         res[mode]["note"] = rounds[0]["note"]
-    wall = lambda mode, part: res[mode][part]["wall"]  # noqa: E731
-    parts = ("features", "finetune_epoch")
-    res["speedup"] = {f"{mode} {part}": ratio(wall("default", part), wall(mode, part))
-                      for mode in ("keep", "env") for part in parts}  # fmt: skip
+    wall = lambda mode, path: res[mode][path]["wall"]  # noqa: E731
+    res["speedup"] = {f"{mode} {path}": ratio(wall("default", path), wall(mode, path))
+                      for mode in ("keep", "env") for path in ALLOCATOR_PATHS}  # fmt: skip
     return res
 
 
@@ -1390,7 +1416,7 @@ def parse_args(argv=None):
     p.add_argument("--labels-worker", help=argparse.SUPPRESS)
     p.add_argument("--analysis-worker", help=argparse.SUPPRESS)
     p.add_argument("--allocator-probe", choices=("default", "keep", "env"), help=argparse.SUPPRESS)
-    p.add_argument("--probe-sizes", default="640,320", help=argparse.SUPPRESS)
+    p.add_argument("--probe-sizes", help=argparse.SUPPRESS)
     p.add_argument("--keep-freed-memory", default="yes", choices=("yes", "no"),
                    help="keep freed memory for reuse in this process (config.keep_freed_memory; "
                    "'no' to measure without)")  # fmt: skip
@@ -1596,9 +1622,8 @@ def main(argv=None) -> int:
         n, nets, boot = (int(v) for v in args.analysis_worker.split(","))
         return analysis_worker(n, nets, boot, args.rounds or 1, args.seed)
     if args.allocator_probe:
-        n_features, n_train = (int(v) for v in args.probe_sizes.split(","))
-        return allocator_probe(args.allocator_probe, args.img_size or 224, n_features, n_train,
-                               args.seed)  # fmt: skip
+        sizes = tuple(int(v) for v in args.probe_sizes.split(","))
+        return allocator_probe(args.allocator_probe, sizes, args.seed)
     if args.keep_freed_memory == "yes":
         print(config.keep_freed_memory(), flush=True)
     res = run(args)

@@ -12,6 +12,8 @@ import os
 import tempfile
 from pathlib import Path
 
+import run
+
 _DIR = Path(tempfile.mkdtemp(prefix="coco-nbval-"))  # a fresh folder for each test session
 
 #: Two offline backbones, so that the comparison, the ensemble and the paired intervals run;
@@ -37,8 +39,7 @@ NBVAL = {
 for _key, _value in NBVAL.items():
     os.environ.setdefault(_key, _value)
 # the kernels and subprocesses keep freed memory from their start (config.keep_freed_memory)
-os.environ.setdefault("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=2147483647:"
-                      "glibc.malloc.trim_threshold=2147483647")  # fmt: skip
+os.environ.setdefault("GLIBC_TUNABLES", run.TUNABLES)
 # the start-up scan remembers image verdicts: the tests' go to a throw-away folder
 os.environ.setdefault("XDG_CACHE_HOME", str(_DIR / "cache"))
 os.environ.setdefault("COCO_HEADLESS", "1")

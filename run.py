@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-KEEP = 2**31 - 1  # cocochallenge.config.KEEP_BELOW, without importing torch at start-up
+#: cocochallenge.config.TUNABLES, without importing torch at start-up (a test keeps them equal)
+TUNABLES = "glibc.malloc.mmap_threshold=2147483647:glibc.malloc.trim_threshold=18446744073709551615"
 
 #: The demo run of the README: the offline Lite0 on generated demo data, about six minutes on
 #: a 2-core CPU.
@@ -60,7 +61,7 @@ def kernel_environment() -> dict:
         # workers the spinning doubled a fine-tuning epoch's user time
         "OMP_WAIT_POLICY": "PASSIVE",
         # glibc keeps freed memory from the kernel's first allocation on (config.keep_freed_memory)
-        "GLIBC_TUNABLES": f"glibc.malloc.mmap_threshold={KEEP}:glibc.malloc.trim_threshold={KEEP}",
+        "GLIBC_TUNABLES": TUNABLES,
     }
 
 

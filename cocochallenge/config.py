@@ -85,7 +85,7 @@ OPTIONS = {
     "amp": None,             # mixed precision: bfloat16 (or float16) on CUDA, off on a CPU
     "channels_last": True,   # faster convolutions on CUDA and on CPUs alike (benchmark.py)
     "compile": False,        # torch.compile for fine-tuning (opt-in: a long first epoch)
-    "workers": None,         # loader workers: 8 on CUDA, 2 on a CPU (at most the cores)
+    "workers": None,         # loader workers: 8 on CUDA (at most the cores), none on a CPU
     "progress": True,        # progress bars
 }  # fmt: skip
 
@@ -112,10 +112,17 @@ def _cast_like(default, text: str, name: str):
 
 
 def device_choices(device: torch.device, cpus: int | None = None) -> dict:
-    """The engineering options that depend on the device, as :data:`OPTIONS` leaves them."""
+    """The engineering options that depend on the device, as :data:`OPTIONS` leaves them.
+
+    No loader workers on a CPU: decoding a photo costs little beside its forward pass there,
+    and a loader with workers forks the large process at every pass (each epoch, each
+    validation), after handing back the memory it keeps (:func:`release_freed_memory`), which
+    the next batches then fault in again. On the real-photo notebook run that was most of the
+    system time (README, "Speed"); the CPU recipe decodes in its process for the same reason.
+    """
     cpus = cpus or os.cpu_count() or 1
     cuda = device.type == "cuda"
-    return {"amp": cuda, "workers": min(8 if cuda else 2, cpus)}
+    return {"amp": cuda, "workers": min(8, cpus) if cuda else 0}
 
 
 def settings(namespace: dict, options: bool = True, prefix: str = "COCO_") -> tuple[dict, dict]:
@@ -203,9 +210,16 @@ def _injected_names() -> set:
     }
 
 
-#: glibc's setting that keeps freed memory: blocks below this size come from the heap and
-#: stay there when freed (the default hands every block over ~32 MB back to the system).
+#: glibc's settings that keep freed memory: blocks below this size come from the heap (the
+#: default hands every block over ~32 MB back to the system when freed) ...
 KEEP_BELOW = 2**31 - 1
+#: ... and the free top of the heap is never handed back (glibc's ``(unsigned long)(-1)``; the
+#: default trims a free top over 128 KB). A trim threshold of KEEP_BELOW was not enough: a batch
+#: of Lite1/Lite2 at 384 px frees more than 2 GB at the top, which was handed back and faulted
+#: in again at every batch (the CPU recipe, 25.6 M faults; README, "Speed").
+NEVER_TRIM = 2**64 - 1
+#: The same two settings for a process that is yet to start (glibc reads them at its start).
+TUNABLES = f"glibc.malloc.mmap_threshold={KEEP_BELOW}:glibc.malloc.trim_threshold={NEVER_TRIM}"
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 
@@ -214,11 +228,11 @@ def keep_freed_memory() -> str:
 
     By default glibc hands large freed buffers (a batch of images, a layer's activations) back
     to the system, and the next batch faults them in again page by page: on a 2-core CPU the
-    kernel's time then equalled the program's (README, "Speed"). The same two thresholds as
-    ``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=...:glibc.malloc.trim_threshold=...``, set
-    with ``mallopt`` for this process and in the environment for its children (DataLoader
-    workers started by spawn or a fork server). The process then keeps its peak memory, which
-    it reaches again at the next batch anyway. Without glibc (macOS, Windows) nothing changes.
+    kernel's time then equalled the program's (README, "Speed"). The settings of
+    :data:`TUNABLES`, set with ``mallopt`` for this process and in the environment for its
+    children (DataLoader workers started by spawn or a fork server, the notebooks' kernels).
+    The process then keeps its peak memory, which it reaches again at the next batch anyway;
+    :func:`release_freed_memory` hands it back. Without glibc (macOS, Windows) nothing changes.
     """
     import ctypes
 
@@ -232,8 +246,8 @@ def keep_freed_memory() -> str:
     if not libc.mallopt(_M_MMAP_THRESHOLD, value):  # older glibc caps it at 32 MB
         value = 32 * 2**20
         libc.mallopt(_M_MMAP_THRESHOLD, value)
-    libc.mallopt(_M_TRIM_THRESHOLD, value)
-    tunable = f"glibc.malloc.mmap_threshold={value}:glibc.malloc.trim_threshold={value}"
+    libc.mallopt(_M_TRIM_THRESHOLD, -1)  # an int for mallopt: -1 is NEVER_TRIM
+    tunable = f"glibc.malloc.mmap_threshold={value}:glibc.malloc.trim_threshold={NEVER_TRIM}"
     os.environ.setdefault("GLIBC_TUNABLES", tunable)
     return f"allocator: glibc keeps freed blocks below {value / 2**20:.0f} MB for reuse"
 

@@ -272,10 +272,7 @@ def test_settings_say_where_each_value_came_from(monkeypatch):
     assert cfg["shrink"] == config.OPTIONS["shrink"] and source["shrink"].startswith(
         "library default"
     )
-    assert (
-        cfg["workers"] == min(2, __import__("os").cpu_count())
-        and source["workers"] == "chosen for cpu"
-    )
+    assert cfg["workers"] == 0 and source["workers"] == "chosen for cpu"  # none on a CPU
     assert "options" not in cfg
     monkeypatch.setenv("COCO_OPTIONS", '{"workers": 0}')
     cfg, source = config.settings(cell)

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import helpers as h
-from cocochallenge import budget, checkpoints, files, models, training
+from cocochallenge import budget, checkpoints, config, files, models, training
 from cocochallenge.config import NUM_CLASSES
 
 
@@ -165,6 +165,42 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
                              text=True, check=True)  # fmt: skip
         faults[mode] = int(out.stdout.strip().splitlines()[-1])
     assert faults["default"] > 50_000 and faults["keep"] < 0.1 * faults["default"], faults
+
+
+@pytest.mark.quick
+def test_kept_memory_is_never_handed_back_however_large():
+    """2.5 GB freed at the top of the heap stay with the process, with run.py's GLIBC_TUNABLES
+    and with config.keep_freed_memory alike: a trim threshold of 2 GB handed 2 GB back, which
+    a batch of Lite2 at 384 px then faulted in again (README, "Speed"). The blocks are never
+    written (calloc'ed from fresh memory), so this costs neither memory nor page faults."""
+    import os
+    import subprocess
+    import sys
+
+    import run
+
+    assert run.TUNABLES == config.TUNABLES  # run.py spells it without importing torch
+    probe = """
+import ctypes, sys
+import numpy as np
+if sys.argv[1] == "keep":
+    from cocochallenge import config
+    print(config.keep_freed_memory(), file=sys.stderr)
+libc = ctypes.CDLL("libc.so.6")
+libc.sbrk.restype, libc.sbrk.argtypes = ctypes.c_void_p, [ctypes.c_ssize_t]
+blocks = [np.zeros(64 * 2**20, np.uint8) for _ in range(40)]
+end = libc.sbrk(0)
+del blocks
+print(end - libc.sbrk(0))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    handed_back = {}
+    for mode, tunables in (("env", run.TUNABLES), ("keep", None)):
+        mode_env = {**env, "GLIBC_TUNABLES": tunables} if tunables else env
+        out = subprocess.run([sys.executable, "-c", probe, mode], env=mode_env,
+                             capture_output=True, text=True, check=True)  # fmt: skip
+        handed_back[mode] = int(out.stdout.strip().splitlines()[-1])
+    assert handed_back == {"env": 0, "keep": 0}
 
 
 class _Recorder(nn.Module):

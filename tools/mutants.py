@@ -326,6 +326,16 @@ MUTANTS = [
     ("lock: a split made again between two cells", "cocochallenge/runs.py",
      '    if "split" in ids and split_file.exists() and', "    if False and",
      "tests/test_runs.py::test_a_split_made_again_by_another_kernel_between_two_cells_stops_the_check"),
+    # branch systime: the kernel's time (kept memory never handed back; no loader workers on a CPU)
+    ("mallopt trims a free heap top over 2 GB", "cocochallenge/config.py",
+     "libc.mallopt(_M_TRIM_THRESHOLD, -1)", "libc.mallopt(_M_TRIM_THRESHOLD, value)",
+     "tests/test_training.py::test_kept_memory_is_never_handed_back_however_large"),
+    ("run.py's tunables trim over 2 GB", "run.py",
+     "trim_threshold=18446744073709551615", "trim_threshold=2147483647",
+     "tests/test_training.py::test_kept_memory_is_never_handed_back_however_large"),
+    ("loader workers on a CPU", "cocochallenge/config.py",
+     "min(8, cpus) if cuda else 0", "min(8 if cuda else 2, cpus)",
+     "tests/test_data.py::test_settings_say_where_each_value_came_from"),
 ]  # fmt: skip
 
 
