@@ -248,6 +248,8 @@ def shrunk_thresholds(
     y = np.asarray(targets).astype(bool)
     g = best_global_threshold(y, probs)[0] if global_threshold is None else global_threshold
     raw = per_class_thresholds(y, probs, min_positives=1, fallback=g)
+    if k == 0:  # its own cut; a class without positives (0 / 0 below) has the global one there
+        return raw
     n = y.sum(0)
     return (n * raw + k * g) / (n + k)
 
