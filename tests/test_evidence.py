@@ -1,12 +1,13 @@
-"""The evidence tool's paired comparison, on synthetic predictions."""
+"""The evidence tool's paired comparison, on synthetic predictions, and the table it wrote."""
 
 import importlib.util
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
-from cocochallenge import metrics
+from cocochallenge import analysis, metrics
 from cocochallenge.config import NUM_CLASSES
 
 pytestmark = pytest.mark.quick
@@ -58,3 +59,19 @@ def test_the_spread_over_repeats_widens_the_interval():
         [metrics.course_f1(y, a)["f1"] - metrics.course_f1(y, b)["f1"] for a in (a1, a2)]
     )
     assert repeated["hi"] - repeated["lo"] > 1.5 * (pooled["hi"] - pooled["lo"])
+
+
+def test_the_committed_table_is_read_by_the_analysis_and_each_row_is_a_paired_comparison():
+    table = pd.read_csv(analysis.EVIDENCE)
+    assert 1 <= len(table) <= 8
+    d, lo, hi = (table[f"course F1 difference{s}"] for s in ("", " lo", " hi"))
+    assert ((lo <= d) & (d <= hi)).all()
+    gap = table["setting course F1"] - table["against course F1"]
+    assert np.allclose(gap, d, atol=0.0015)  # both rounded to three decimals
+    shown = analysis.with_intervals(table.set_index("setting"))
+    assert (
+        shown["course F1 difference"].str.match(r"-?\d\.\d{3} \[-?\d\.\d{3}, -?\d\.\d{3}\]").all()
+    )
+    settings = " ".join(table["setting"])
+    for name in ("pad", "LOSS", "shrink", "at_least_one", "freeze_bn"):
+        assert name in settings, name
