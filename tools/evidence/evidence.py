@@ -12,7 +12,7 @@ photos, every score held out:
             (``split.stratified_split``), the course's MLP head on cached EfficientNet-Lite0
             features, output bias at the class log-odds, AdamW, warm-up cosine, the epoch kept
             by validation mAP (patience 5), as challenge.ipynb's ``train_head``/``run_phase``
-  phase 2   (``freeze_bn`` only: the first fold of the first repeat, for time) the notebook's
+  phase 2   (``freeze_bn`` only: the folds of the first repeat, for time) the notebook's
             fine-tuning from that head, 3 epochs, the better of the raw weights and their moving
             average kept each epoch by validation mAP
   score     the held-out course F1 of the pooled out-of-fold probabilities of the photos scored
@@ -312,7 +312,7 @@ def main():
     ap.add_argument("--dir", default=str(REPO / "runs" / "evidence"), help="the caches")
     ap.add_argument("--out", default=str(HERE / "evidence.csv"))
     ap.add_argument("--repeats", type=int, default=5, help="repeats of the frozen-phase folds")
-    ap.add_argument("--finetune-folds", type=int, default=1, help="folds fine-tuned (0: none)")
+    ap.add_argument("--finetune-folds", type=int, default=5, help="folds fine-tuned (0: none)")
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--limit", type=int, default=0, help="the first N photos only (a smoke test)")
     ap.add_argument("--threads", type=int, default=2)
