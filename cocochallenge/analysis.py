@@ -28,8 +28,9 @@ from .metrics import (
 from .runs import BASELINE, head_folder, load_scores
 from .runs import views as runs_views
 
-#: The measurements behind the notebook's defaults (tools/ablation/README.md), in the project.
-EVIDENCE = Path(__file__).resolve().parents[1] / "tools" / "ablation" / "evidence.csv"
+#: The evidence behind the notebook's fixed settings (tools/evidence/README.md): one paired
+#: comparison per setting, held-out course F1 with its 90% interval.
+EVIDENCE = Path(__file__).resolve().parents[1] / "tools" / "evidence" / "evidence.csv"
 
 
 class RunNotFound(SaysWhatToDo, FileNotFoundError):

@@ -60,10 +60,10 @@ COURSE_DATA_ROOT = Path("/home/jovyan/ms-coco")
 OPTIONS = {
     # model and input
     "img_size": 0,           # 0 = the input size of the backbone's weights
-    "pad": False,            # True: keep the aspect and pad to a square (measured worse)
+    "pad": False,            # True: keep the aspect and pad to a square (no better: tools/evidence)
     "dropout": 0.2,          # the course head's dropout
     "weight_decay": 1e-4,    # AdamW, both phases (none on norms and biases)
-    "freeze_bn": True,       # fine-tuning keeps BatchNorm's ImageNet statistics (measured)
+    "freeze_bn": True,       # fine-tuning keeps BatchNorm's ImageNet statistics (tools/evidence)
     "patience": 5,           # a phase stops after this many epochs without a better val mAP
     "seeds": 3,              # frozen heads trained with this many seeds, for the comparison
     # after training: thresholds, flip TTA, the ensemble

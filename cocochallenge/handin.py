@@ -35,7 +35,8 @@ PROJECT_FILES = (
     "requirements.txt",
     "requirements-dev.txt",
     "README.md",
-    "tools/ablation/evidence.csv",
+    "tools/evidence/evidence.csv",  # the analysis notebook reads it
+    "tools/evidence/README.md",  # and cites how it was measured
 )
 #: Files of the run folder packed (with figures/*.png and tables/*.csv).
 RUN_FILES = (

@@ -292,35 +292,6 @@ def plot_class_weights(weights: pd.DataFrame, n: int = 30):
     return fig
 
 
-def plot_evidence(evidence: pd.DataFrame):
-    """The ablation's steps as bars: course and macro F1, mean over seeds, sd as error bars."""
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(10, 0.42 * len(evidence) + 1.6))
-    y = np.arange(len(evidence))[::-1].astype(float)
-    for shift, col, colour in ((0.19, "course F1", "#4c72b0"), (-0.19, "macro F1", "#55a868")):
-        bars = ax.barh(
-            y + shift,
-            evidence[col],
-            height=0.38,
-            xerr=evidence[f"{col} sd"],
-            color=colour,
-            error_kw={"lw": 0.8, "capsize": 2},
-            label=f"{col} (mean over seeds, sd)",
-        )
-        ax.bar_label(bars, fmt="%.3f", fontsize=7, padding=8)
-    ax.set_yticks(y, evidence["step"], fontsize=8)
-    ax.set_xlim(0, min(1.0, 1.2 * float(evidence[["course F1", "macro F1"]].to_numpy().max())))
-    ax.set_xlabel("held-out F1 on 678 real COCO photos")
-    ax.set_title("what each default is worth (tools/ablation)")
-    ax.grid(axis="x", alpha=0.3)
-    ax.legend(
-        fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.5 / len(evidence) - 0.04), ncol=2
-    )
-    fig.tight_layout()
-    return fig
-
-
 def _names(
     row: np.ndarray, first: int | None = None, scores=None, limit: int = 4, width: int = 40
 ) -> str:

@@ -36,7 +36,7 @@ def build_transform(
     ImageNet's statistics). The course's plain ``Resize((size, size))`` stretches the
     challenge's non-square images; ``pad`` keeps the aspect instead and pads to a square with
     the normalisation mean (timm's ``ResizeKeepRatio`` + ``CenterCropOrPad``). On 678 real
-    photos the stretched images scored higher (README, the evidence), hence the default.
+    photos padding scored no better than the course's stretch (tools/evidence), the default.
     Training adds a horizontal flip (COCO objects are left-right symmetric), a standard policy
     (``trivial`` = TrivialAugmentWide, ``randaugment``, or ``none``) and random erasing.
     """

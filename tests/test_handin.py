@@ -86,8 +86,9 @@ def test_clean_run_is_packed_without_checkpoints_or_logs(run):
         "run/figures/01.png",
         "run/config.json",
         "run/environment.json",
-        "tools/ablation/evidence.csv",
-    ):  # the analysis notebook reads it
+        "tools/evidence/evidence.csv",
+        "tools/evidence/README.md",
+    ):  # the analysis notebook reads the table and cites its README
         assert must in names, must
     assert not [n for n in names if n.endswith(".pt") or "tensorboard" in n or "features" in n]
     assert any("handin.zip" in line and "MB" in line for line in lines)

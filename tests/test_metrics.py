@@ -236,3 +236,14 @@ def test_thresholds_equal_the_computations_they_replaced(seed):
         got = metrics.per_class_thresholds(y, probs, min_positives, fallback=0.3)
         assert np.array_equal(got, _pr_curve_thresholds(y, probs, min_positives, 0.3))
         assert got[1] == (pytest.approx(0.85) if min_positives <= 2 else 0.3)
+
+
+def test_unshrunk_thresholds_keep_each_cut_and_the_global_one_for_a_class_without_positives():
+    rng = np.random.default_rng(1)
+    y = rng.random((200, NUM_CLASSES)) < 0.1
+    y[:, 5] = False  # no positive: (0 * raw + 0 * global) / 0 would be NaN
+    probs = np.clip(rng.random((200, NUM_CLASSES)) * 0.6 + y * 0.3, 0, 1)
+    g = metrics.best_global_threshold(y, probs)[0]
+    t = metrics.shrunk_thresholds(y, probs, k=0)
+    assert np.isfinite(t).all() and t[5] == g
+    assert np.allclose(t, metrics.per_class_thresholds(y, probs, min_positives=1, fallback=g))

@@ -235,3 +235,18 @@ def test_confusions_and_cooccurrence_readings():
     assert "1 of the 2 pairs are look-alikes (vehicles)" in text
     assert "follow them more closely" in readings.cooccurrence(0.78, 0.68, "training labels")
     assert "follow them less closely" in readings.cooccurrence(0.5, 0.68, "training labels")
+
+
+def test_the_committed_evidence_is_read_with_its_interval_and_photos():
+    """Each row of tools/evidence's table: its difference, its interval, the verdict the
+    interval gives (beyond noise only where it excludes 0) and what it was measured on."""
+    table = pd.read_csv(analysis.EVIDENCE)
+    lines = readings.evidence(table).splitlines()
+    assert len(lines) == len(table)
+    for line, (_, r) in zip(lines, table.iterrows()):
+        lo, hi = r["course F1 difference lo"], r["course F1 difference hi"]
+        assert f"[{lo:+.3f}, {hi:+.3f}]" in line and f"({r['photos']} photos" in line
+        assert line.endswith(f"{r['protocol']})")
+        assert ("beyond noise" in line) == (lo > 0 or hi < 0)
+    beyond = table.iloc[[0]].assign(**{"course F1 difference lo": 0.002})
+    assert "beyond noise" in readings.evidence(beyond)

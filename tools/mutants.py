@@ -336,6 +336,17 @@ MUTANTS = [
     ("loader workers on a CPU", "cocochallenge/config.py",
      "min(8, cpus) if cuda else 0", "min(8 if cuda else 2, cpus)",
      "tests/test_data.py::test_settings_say_where_each_value_came_from"),
+    # branch evidence
+    ("unshrunk thresholds: 0/0", "cocochallenge/metrics.py",
+     "    if k == 0:  # its own cut", "    if False:  # its own cut",
+     "tests/test_metrics.py::"
+     "test_unshrunk_thresholds_keep_each_cut_and_the_global_one_for_a_class_without_positives"),
+    ("evidence interval: the spread over repeats", "tools/evidence/evidence.py",
+     "np.var(a - b, ddof=1) / len(a) if len(a) > 1 else 0.0", "0.0",
+     "tests/test_evidence.py::test_the_spread_over_repeats_widens_the_interval"),
+    ("evidence interval: paired resamples", "tools/evidence/evidence.py",
+     "f1(pa, W) - f1(pb, W)", "f1(pa, W) - f1(pb, W[::-1])",
+     "tests/test_evidence.py::test_two_equal_settings_give_an_interval_around_zero"),
 ]  # fmt: skip
 
 
