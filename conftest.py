@@ -12,7 +12,7 @@ import os
 import tempfile
 from pathlib import Path
 
-import run
+from cocochallenge.config import TUNABLES
 
 _DIR = Path(tempfile.mkdtemp(prefix="coco-nbval-"))  # a fresh folder for each test session
 
@@ -39,7 +39,7 @@ NBVAL = {
 for _key, _value in NBVAL.items():
     os.environ.setdefault(_key, _value)
 # the kernels and subprocesses keep freed memory from their start (config.keep_freed_memory)
-os.environ.setdefault("GLIBC_TUNABLES", run.TUNABLES)
+os.environ.setdefault("GLIBC_TUNABLES", TUNABLES)
 # the start-up scan remembers image verdicts: the tests' go to a throw-away folder
 os.environ.setdefault("XDG_CACHE_HOME", str(_DIR / "cache"))
 os.environ.setdefault("COCO_HEADLESS", "1")

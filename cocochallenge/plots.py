@@ -104,9 +104,10 @@ class Outputs:
 
         return self._keep(write)
 
-    def show(self, fig, name: str, fmt: str = "png") -> Path | None:
+    def show(self, fig, name: str, fmt: str = "png") -> None:
         """Save ``fig`` (:meth:`figure`) and show it in the notebook: a figure of photos as
-        the light JPEG it was saved as, where it was saved."""
+        the light JPEG it was saved as, where it was saved. Returns nothing: as a cell's last
+        line it would print the path under the figure."""
         import matplotlib.pyplot as plt
         from IPython.display import Image, display
 
@@ -116,7 +117,6 @@ class Outputs:
             display(Image(filename=str(path)))
         else:
             plt.show()
-        return path
 
     def _keep(self, write) -> Path | None:
         if self.failed:

@@ -228,16 +228,23 @@ def seeds(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def finetuning(table: pd.DataFrame) -> str:
-    """What fine-tuning bought each network over its kept frozen head."""
-    if table.empty:
-        return "No network kept a fine-tuned model: nothing to compare."
-    lines = ["Fine-tuned minus frozen:"]
+def finetuning(table: pd.DataFrame, kept: dict) -> str:
+    """What fine-tuning bought each network over its kept frozen head; ``kept``: each network's
+    kept phase (``result.json``'s ``best_phase``), which names the networks the table leaves out.
+    """
+    lines = ["Fine-tuned minus frozen:"] if len(table) else []
     for name, r in table.iterrows():
         f1 = _gain(r["gain"], r["gain lo"], r["gain hi"])
         ap = _gain(r["mAP gain"], r["mAP gain lo"], r["mAP gain hi"])
         lines.append(f"- {name}: course F1 {f1}; mAP {ap}")
-    return "\n".join(lines)
+    for name, phase in kept.items():
+        if name not in table.index:
+            why = "no frozen scores saved"
+            if not phase.startswith("fine"):
+                why = "no fine-tuned epoch beat its frozen head's validation mAP: "
+                why += "the frozen head is its model"
+            lines.append(f"{name}: not in the table, {why}.")
+    return "\n".join(lines) or "No network: nothing to compare."
 
 
 def wins(tables: dict, few: int = FEW) -> str:

@@ -65,7 +65,10 @@ def test_ranking_says_when_another_model_ranks_first_by_map():
 
 def test_a_run_with_one_network_reads_without_pairs_or_fine_tuning():
     assert readings.wins({}) == "One network: nothing to pair."
-    assert readings.finetuning(pd.DataFrame()).startswith("No network kept a fine-tuned")
+    assert readings.finetuning(pd.DataFrame(), {"net": "frozen"}) == (
+        "net: not in the table, no fine-tuned epoch beat its frozen head's validation mAP: "
+        "the frozen head is its model."
+    )
     assert readings.seeds(pd.DataFrame()).startswith("No frozen heads")
     one = pd.DataFrame({"course F1": [0.4], "train (min)": [3.0]}, index=["net"])
     assert "ranks 1 of 1" in readings.cost(one)
@@ -197,7 +200,11 @@ def test_finetuning_and_seeds_read_their_intervals():
     phases = pd.DataFrame({"gain": [0.02], "gain lo": [-0.01], "gain hi": [0.05],
                            "mAP gain": [0.02], "mAP gain lo": [0.01], "mAP gain hi": [0.03]},
                           index=["lite1"])  # fmt: skip
-    text = readings.finetuning(phases)
+    text = readings.finetuning(phases, {"lite0": "frozen", "lite1": "finetune (EMA)"})
+    assert text.startswith("Fine-tuned minus frozen:\n- lite1: ")
+    assert text.endswith("lite0: not in the table, no fine-tuned epoch beat its frozen head's "
+                         "validation mAP: the frozen head is its model.")  # fmt: skip
+    assert "lite1: not in the table" not in text
     assert "course F1 +0.020 [-0.010, +0.050], within noise" in text
     assert "mAP +0.020 [+0.010, +0.030], beyond noise" in text
     seeds = pd.DataFrame({"mean": [0.48, 0.47], "sd over seeds": [0.015, 0.013],
