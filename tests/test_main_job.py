@@ -37,7 +37,7 @@ def test_headless_run_on_real_photos(real_dev, tmp_path):
     out = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     # run.py streamed the epoch lines while the kernel printed them, with no kernel warning
-    assert "frozen  2/2" in out.stdout and "finetune  1/1" in out.stdout
+    assert "frozen_linear  2/2" in out.stdout and "finetune  1/1" in out.stdout
     assert "WARNING" not in out.stdout + out.stderr
     for name in ("challenge.ipynb", "analysis.ipynb"):
         nb = json.loads((run_dir / name).read_text())

@@ -298,7 +298,7 @@ def test_ctrl_c_stops_run_py_in_either_phase_and_the_same_command_continues(demo
             "--backbones", "efficientnet_lite0", "-p", "EPOCHS_FROZEN", "2",
             "-p", "EPOCHS_FINETUNE", "2", "-p", "OPTIONS", repr(options)]  # fmt: skip
     out, copy = run_dir / "challenge.ipynb", run_dir / "challenge.unfinished.ipynb"
-    for when in ("efficientnet_lite0: new", "finetune  1/2"):
+    for when in ("efficientnet_lite0\n", "finetune  1/2"):  # its name: before its features
         lines = []
         proc, seen = _run_py(args, lines, until=when)
         try:
