@@ -46,11 +46,6 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def best_epoch(folder: Path | str, phase: str) -> int:
-    """The best epoch (1-based) of ``<folder>/<phase>_last.pt``: where a refit stops."""
-    return int(load_torch(Path(folder) / f"{phase}_last.pt")["best_epoch"])
-
-
 class PhaseCheckpoint:
     """``<folder>/<phase>_last.pt`` and ``<phase>_best.pt`` for the objects in ``state``.
 

@@ -266,7 +266,6 @@ def test_a_payload_planted_in_a_run_folder_does_not_run_and_is_named(tmp_path, f
     for path, read in (
         (folder / "finetune_last.pt",
          lambda: checkpoints.PhaseCheckpoint(folder, "finetune", {"model": net}).resume()),
-        (folder / "finetune_last.pt", lambda: checkpoints.best_epoch(folder, "finetune")),
         (paths["train"], lambda: training.load_features(paths["train"])),
         (paths["train"], lambda: training.cached_feature_parts(paths, _Backbone(), loaders, "cpu",
                                                                show_progress=False)),
@@ -319,7 +318,7 @@ def test_a_resumed_run_draws_what_the_uninterrupted_run_draws(tmp_path):
     torch.manual_seed(9), np.random.seed(9), random.seed(9)
     again = checkpoints.PhaseCheckpoint(tmp_path, "frozen", {"model": torch.nn.Linear(3, 2)})
     assert again.resume(log=lambda *a: None) == 1 and draws() == expected
-    assert again.history == [row] and checkpoints.best_epoch(tmp_path, "frozen") == 1
+    assert again.history == [row] and again.best_epoch == 1
 
 
 @pytest.mark.parametrize("value", [np.float64(0.5), np.zeros(3), {1, 2}, Path("x")])
