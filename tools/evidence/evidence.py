@@ -43,6 +43,7 @@ from torch import nn
 
 import helpers as h
 from cocochallenge import (
+    analysis,
     checkpoints,
     compare,
     config,
@@ -74,14 +75,13 @@ ARMS = {
 }
 #: The notebook's rule: per-class thresholds shrunk by 10 positives, every image its top class.
 RULE = dict(shrink=10.0, at_least_one=True)
-ONE = 1e12  # a shrink that gives every class the global threshold (analysis.ONE_THRESHOLD)
 #: (setting, against, (arm, rule) of the setting, (arm, rule) of the alternative)
 ROWS = [
     ("pad = False", "pad = True (aspect kept, padded to a square)",
      ("notebook", RULE), ("pad", RULE)),
     ('LOSS = "bce"', 'LOSS = "asl"', ("notebook", RULE), ("asl", RULE)),
     ("shrink = 10", "one threshold for every class", ("notebook", RULE),
-     ("notebook", dict(RULE, shrink=ONE))),
+     ("notebook", dict(RULE, shrink=analysis.ONE_THRESHOLD))),
     ("shrink = 10", "shrink = 0 (per-class thresholds as tuned)", ("notebook", RULE),
      ("notebook", dict(RULE, shrink=0.0))),
     ("at_least_one = True", "at_least_one = False", ("notebook", RULE),
